@@ -1,0 +1,70 @@
+"""Checks of user input, run before any kernel launch; each error names the argument at fault."""
+import math
+import numbers
+import os
+
+import torch
+
+LOGIT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+TARGET_DTYPES = (torch.int32, torch.int64)
+IMPLS = ("auto", "triton", "torch")
+# TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is read once.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_tensor(name, x, dtypes):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
+
+
+def check_same_device(name, x, ref_name, ref):
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+
+
+def check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_logits_targets(logits, targets, temperature, ignore_index, impl, validate):
+    """Validates the inputs of the fused pass; returns True when the Triton kernels should run."""
+    check_tensor("logits", logits, LOGIT_DTYPES)
+    check_tensor("targets", targets, TARGET_DTYPES)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary (last dim), got shape {tuple(logits.shape)}")
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    check_same_device("targets", targets, "logits", logits)
+    check_positive("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_choice("impl", impl, IMPLS)
+    use_triton = logits.is_cuda or (INTERPRETING and impl != "torch")
+    if impl == "torch":
+        use_triton = False
+    elif impl == "triton" and not use_triton:
+        raise ValueError("impl='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing "
+                         "covkernels to run the kernels on the CPU")
+    if validate and not torch.compiler.is_compiling():
+        check_targets_in_range(targets, logits.shape[-1], ignore_index)
+    return use_triton
+
+
+def check_targets_in_range(targets, V, ignore_index):
+    """Data-dependent check (one host sync): every target is ignore_index or in [0, V)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= V))
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}; "
+                         f"targets{list(first)} = {int(targets[first])}")

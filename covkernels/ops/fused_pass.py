@@ -1,0 +1,227 @@
+"""Triton kernels of the fused pass over logits (SPEC sections 2-3) and their host launchers.
+
+Forward: one read of each valid row gives lse, logp, entropy and (with STATS) sum p^2 and sum p^2 log p.
+Backward: one more read of each valid row writes dz once, optionally into the logits' own storage. Rows
+whose target is `ignore_index` are never read. Few long rows would leave most SMs idle, so a row may be
+split over several programs; the forward then writes per-split accumulators that a small kernel combines.
+
+Rows are addressed through two leading strides, row r -> (r // inner) * stride_outer + (r % inner) *
+stride_inner, so a slice such as logits[:, :-1] of a [B, T, V] tensor is read in place, without a copy.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .layout import acc_dtype, new_outputs, num_splits, pick_block, row_layout
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _rescale(mx_old, mx_new, l, s1, q, q1):
+    # Moving the reference point from mx_old to mx_new (d = mx_old - mx_new <= 0) turns
+    # sum e^(z-m)(z-m) into e^d (s1 + d l), and the second moments take e^(2d). A reference of -inf
+    # means nothing was accumulated yet (all sums 0): d is replaced by 0 there to avoid 0 * inf.
+    empty = mx_old == float("-inf")
+    d = tl.where(empty, 0.0, mx_old - mx_new)
+    a = tl.where(empty, 0.0, tl.exp(d))
+    return a * l, a * (s1 + d * l), a * a * q, a * a * (q1 + d * q)
+
+
+@triton.jit
+def _accumulate(x_ptr, row_off, col_start, col_end, inv_temp,
+                BLOCK_V: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
+    """Online accumulators (mx, l, s1, q, q1) of z = x * inv_temp over columns [col_start, col_end)."""
+    offs_v = tl.arange(0, BLOCK_V)
+    mx = tl.full([], float("-inf"), ACC)
+    l = tl.full([], 0.0, ACC)
+    s1 = tl.full([], 0.0, ACC)
+    q = tl.full([], 0.0, ACC)
+    q1 = tl.full([], 0.0, ACC)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + offs_v
+        mask_v = cols < col_end
+        z = tl.load(x_ptr + row_off + cols, mask=mask_v, other=float("-inf")).to(ACC) * inv_temp  # [BLOCK_V]
+        mx_new = tl.maximum(mx, tl.max(z, axis=0))
+        # While only -inf was seen the reference stays at 0: every e is 0 and every sum stays 0.
+        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+        l, s1, q, q1 = _rescale(mx, ref, l, s1, q, q1)
+        zs = z - ref
+        e = tl.exp(zs)
+        # e == 0 covers -inf entries and underflow, where zs may be -inf and e * zs would be NaN.
+        zs = tl.where(e > 0, zs, 0.0)
+        l += tl.sum(e, axis=0)
+        s1 += tl.sum(e * zs, axis=0)
+        if STATS:
+            e2 = e * e
+            q += tl.sum(e2, axis=0)
+            q1 += tl.sum(e2 * zs, axis=0)
+        mx = mx_new
+    return mx, l, s1, q, q1
+
+
+@triton.jit
+def _finish_row(row, t, valid, z_t, mx, l, s1, q, q1,
+                logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS: tl.constexpr):
+    """Writes the outputs of one row from its accumulators; ignored rows get 0 everywhere."""
+    l = tl.where(valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
+    ln_l = tl.log(l)
+    lse = mx + ln_l
+    # logp <= 0 and H >= 0 always: rounding can push either a hair past its bound.
+    logp = tl.minimum(z_t - lse, 0.0)
+    ent = tl.maximum(ln_l - s1 / l, 0.0)
+    tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
+    tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
+    tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    if STATS:
+        s2 = q / (l * l)
+        s3 = q1 / (l * l) - ln_l * s2
+        tl.store(s2_ptr + row, tl.where(valid, s2, 0.0))
+        tl.store(s3_ptr + row, tl.where(valid, s3, 0.0))
+
+
+@triton.jit
+def _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC: tl.constexpr):
+    # A target outside [0, V) that is not ignore_index is never dereferenced: its row gives NaN.
+    in_range = valid & (t >= 0) & (t < V)
+    z_t = tl.load(x_ptr + row_off + t, mask=in_range, other=0.0).to(ACC) * inv_temp
+    return tl.where(in_range, z_t, float("nan"))
+
+
+@triton.jit
+def _row_offset(row, inner, stride_outer, stride_inner):
+    return (row // inner) * stride_outer + (row % inner) * stride_inner
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, part_ptr,
+                N, V, inner, stride_outer, stride_inner, chunk, inv_temp, ignore_index,
+                BLOCK_V: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    n_split = tl.num_programs(1).to(tl.int64)
+    row_off = _row_offset(row, inner, stride_outer, stride_inner)
+    t = tl.load(t_ptr + row).to(tl.int64)
+    valid = t != ignore_index
+    col_start = split * chunk
+    col_end = tl.where(valid, tl.minimum(col_start + chunk, V), col_start)
+    mx, l, s1, q, q1 = _accumulate(x_ptr, row_off, col_start, col_end, inv_temp, BLOCK_V, STATS, ACC)
+    if SPLIT:
+        # [5, N, n_split] partial accumulators, combined by _combine_kernel.
+        part = part_ptr + row * n_split + split
+        plane = N * n_split
+        tl.store(part, mx)
+        tl.store(part + plane, l)
+        tl.store(part + 2 * plane, s1)
+        tl.store(part + 3 * plane, q)
+        tl.store(part + 4 * plane, q1)
+    else:
+        z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
+        _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS)
+
+
+@triton.jit
+def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, part_ptr,
+                    N, V, inner, stride_outer, stride_inner, n_split, inv_temp, ignore_index,
+                    BLOCK_S: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_split
+    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
+    plane = N * n_split
+    mx_s = tl.load(part, mask=mask_s, other=float("-inf"))
+    mx = tl.max(mx_s, axis=0)
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    l, s1, q, q1 = _rescale(mx_s, ref,
+                            tl.load(part + plane, mask=mask_s, other=0.0),
+                            tl.load(part + 2 * plane, mask=mask_s, other=0.0),
+                            tl.load(part + 3 * plane, mask=mask_s, other=0.0),
+                            tl.load(part + 4 * plane, mask=mask_s, other=0.0))
+    t = tl.load(t_ptr + row).to(tl.int64)
+    valid = t != ignore_index
+    row_off = _row_offset(row, inner, stride_outer, stride_inner)
+    z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
+    _finish_row(row, t, valid, z_t, ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0),
+                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS)
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
+                V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
+                chunk, inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    row_off = _row_offset(row, inner, stride_outer, stride_inner)
+    dx_row_off = _row_offset(row, inner, dx_stride_outer, dx_stride_inner)
+    t = tl.load(t_ptr + row).to(tl.int64)
+    valid = t != ignore_index
+    lse = tl.load(lse_ptr + row)
+    ent = tl.load(ent_ptr + row)
+    g_logp = tl.load(glogp_ptr + row).to(ACC)
+    g_ent = tl.load(gent_ptr + row).to(ACC)
+    offs_v = tl.arange(0, BLOCK_V)
+    col_start = split * chunk
+    col_end = tl.minimum(col_start + chunk, V)
+    # Ignored rows are written (with 0) but never read: their read range is empty.
+    read_end = tl.where(valid, col_end, col_start)
+    for start in range(col_start, col_end, BLOCK_V):
+        cols = start + offs_v
+        mask_v = cols < col_end
+        z = tl.load(x_ptr + row_off + cols, mask=cols < read_end, other=0.0).to(ACC) * inv_temp
+        logp = z - lse
+        p = tl.exp(logp)
+        # p == 0 (a -inf logit) contributes nothing to dH; p * (logp + H) would be 0 * -inf there.
+        dent = p * (tl.where(p > 0, logp, 0.0) + ent)
+        dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent) * inv_temp
+        dz = tl.where(valid, dz, 0.0)
+        tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=mask_v)
+
+
+def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
+    """Forward launcher. logits [..., V] (last dim contiguous), targets [...] int.
+
+    Returns (logp, entropy, lse, sum_p2, sum_p2_logp), each of targets' shape in acc_dtype(logits);
+    sum_p2 and sum_p2_logp are empty when `stats` is False. `splits` overrides the programs per row.
+    """
+    x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
+    t = targets.reshape(-1)
+    acc = acc_dtype(logits.dtype)
+    block_v, num_warps = pick_block(V, logits.element_size())
+    n_split, chunk = num_splits(N, V, block_v, logits.device, splits)
+    outs = new_outputs(targets, acc, stats)
+    logp, ent, lse, s2, s3 = (o.view(-1) for o in outs)
+    if not stats:
+        s2 = s3 = lse  # never written: STATS is off
+    part = torch.empty((5, N, n_split) if n_split > 1 else (1,), dtype=acc, device=logits.device)
+    if N > 0:
+        kw = dict(STATS=stats, ACC=_TL_DTYPE[acc])
+        _fwd_kernel[(N, n_split)](x, t, logp, ent, lse, s2, s3, part, N, V, inner, stride_outer, stride_inner,
+                                  chunk, inv_temp, ignore_index, BLOCK_V=block_v, SPLIT=n_split > 1,
+                                  num_warps=num_warps, **kw)
+        if n_split > 1:
+            _combine_kernel[(N,)](x, t, logp, ent, lse, s2, s3, part, N, V, inner, stride_outer, stride_inner,
+                                  n_split, inv_temp, ignore_index, BLOCK_S=triton.next_power_of_2(n_split),
+                                  num_warps=1, **kw)
+    return outs
+
+
+def fused_bwd(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
+              splits=None):
+    """Backward launcher: writes dz (SPEC section 3) into `out` ([..., V], logits' shape and dtype).
+
+    `out` may be `logits` itself (in-place backward): each element is read before it is overwritten by
+    the same program. grad_logp, grad_entropy: [...] upstream gradients.
+    """
+    x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
+    dx, _, _, _, dx_stride_outer, dx_stride_inner = row_layout(out, inner)
+    acc = acc_dtype(logits.dtype)
+    block_v, num_warps = pick_block(V, logits.element_size())
+    n_split, chunk = num_splits(N, V, block_v, logits.device, splits)
+    g_logp = grad_logp.reshape(-1).to(acc).contiguous()
+    g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
+    if N > 0:
+        _bwd_kernel[(N, n_split)](x, targets.reshape(-1), lse.reshape(-1), entropy.reshape(-1), g_logp, g_ent,
+                                  dx, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
+                                  chunk, inv_temp, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
+                                  ACC=_TL_DTYPE[acc])
+    return out

@@ -67,9 +67,12 @@ def _finish_row(row, t, valid, z_t, mx, l, s1, q, q1,
     l = tl.where(valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
     ln_l = tl.log(l)
     lse = mx + ln_l
-    # logp <= 0 and H >= 0 always: rounding can push either a hair past its bound.
-    logp = tl.minimum(z_t - lse, 0.0)
-    ent = tl.maximum(ln_l - s1 / l, 0.0)
+    # logp <= 0 and H >= 0 always: rounding can push either a hair past its bound. where() rather than
+    # minimum/maximum, which drop a NaN (like fminf) and would hide a bad row.
+    logp = z_t - lse
+    logp = tl.where(logp > 0, 0.0, logp)
+    ent = ln_l - s1 / l
+    ent = tl.where(ent < 0, 0.0, ent)
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))

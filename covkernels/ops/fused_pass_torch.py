@@ -29,10 +29,17 @@ def _block_stats(x, t, inv_temp, ignore_index, acc):
     valid = t != ignore_index
     in_range = valid & (t >= 0) & (t < V)
     z = x.to(acc) * inv_temp
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    logp_all = z - lse
+    # Relative to the row max, as the kernel: with logits of 1e4, lse itself carries an fp32 rounding
+    # of 1e-3, which z - lse would pass on to every log-prob.
+    mx = z.amax(dim=-1, keepdim=True)
+    # +inf in a row has no meaningful softmax: NaN, confined to that row, as the kernel gives.
+    mx = torch.where(mx == float("inf"), float("nan"), mx)
+    zs = z - mx
+    lse_rel = torch.logsumexp(zs, dim=-1, keepdim=True)
+    logp_all = zs - lse_rel
     p = logp_all.exp()
-    return valid, in_range, torch.where(in_range, t, 0).long(), lse.squeeze(-1), logp_all, p
+    lse = (mx + lse_rel).squeeze(-1)
+    return valid, in_range, torch.where(in_range, t, 0).long(), lse, logp_all, p
 
 
 def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None):

@@ -1,0 +1,16 @@
+# The two Quickstart commands: `make bench` (the main job) and `make test` (the suite CI runs).
+PYTHON ?= python3
+
+.PHONY: setup bench test
+
+# torch 2.13.0 is asked for by version only when no torch is installed: it resolves to the CPU build on
+# machines without CUDA, and an existing (GPU) torch is never replaced.
+setup:
+	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
+	$(PYTHON) -m pip install -q -e ".[test,bench]"
+
+bench: setup
+	$(PYTHON) -m bench
+
+test: setup
+	$(PYTHON) -m pytest -q

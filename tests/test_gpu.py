@@ -1,0 +1,53 @@
+"""Realistic shapes on a GPU, without the interpreter (skipped on machines without CUDA)."""
+import pytest
+import torch
+
+import covkernels as ck
+import python_ref as ref
+
+pytestmark = pytest.mark.gpu
+
+
+def _stats_in_float64(logits, targets, rows):
+    return ref.token_stats(logits[rows].double(), targets[rows])
+
+
+@pytest.mark.parametrize("N,V", [(16384, 151936), (4096, 128256), (64, 151936), (8, 32000)])
+def test_realistic_shapes_match_reference(N, V):
+    """N * V above 2^31 at the first shape: every offset must be 64-bit. Few rows use the split path."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(N, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    targets[1::7] = -100
+    stats = ck.token_stats(logits, targets)
+    rows = torch.cat([torch.arange(0, min(N, 32)), torch.arange(max(N - 32, 0), N)]).cuda()
+    truth = _stats_in_float64(logits, targets, rows)
+    for f in stats._fields:
+        err = (getattr(stats, f)[rows].double() - getattr(truth, f)).abs().max().item()
+        assert err < 5e-5 * (1 + getattr(truth, f).abs().max().item()), f
+    g_logp = torch.randn(N, device="cuda", generator=g)
+    g_ent = torch.randn(N, device="cuda", generator=g)
+    x = logits.requires_grad_()
+    logp, ent = ck.logprobs_and_entropy(x, targets)
+    (grad,) = torch.autograd.grad((logp * g_logp + ent * g_ent).sum(), x)
+    x64 = logits.detach()[rows].double().requires_grad_()
+    t = ref.token_stats(x64, targets[rows])
+    (want,) = torch.autograd.grad((t.logp * g_logp[rows] + t.entropy * g_ent[rows]).sum(), x64)
+    assert (grad[rows].double() - want).abs().max().item() <= 2**-8 * (1 + want.abs().max().item())
+    assert (grad[-1] if targets[-1] != -100 else grad[-2]).abs().sum() > 0  # the last rows were written
+
+
+def test_deterministic_and_sync_free():
+    logits = torch.randn(512, 50257, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50257, (512,), device="cuda")
+    outs = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            logp, ent = ck.logprobs_and_entropy(logits, targets, validate=False)
+            (grad,) = torch.autograd.grad(logp.sum() + ent.sum(), logits)
+            outs.append((logp, ent, grad))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

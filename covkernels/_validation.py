@@ -68,3 +68,10 @@ def check_targets_in_range(targets, V, ignore_index):
         first = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(f"targets must be in [0, {V}) or ignore_index={ignore_index}; "
                          f"targets{list(first)} = {int(targets[first])}")
+
+
+def check_nonnegative(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")

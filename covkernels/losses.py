@@ -1,0 +1,248 @@
+"""Policy losses on top of the fused pass (SPEC sections 6, 7, 9): PPO-clip, Clip-Cov, KL-Cov, entropy bonus.
+
+Numbers follow verl 0.9 (compute_policy_loss_vanilla / _clip_cov / _kl_cov, agg_loss); selections are
+from covkernels.selection. Nothing here synchronises with the host unless validate=True.
+"""
+import torch
+
+from ._validation import check_choice, check_nonnegative
+from .logprobs import logprobs_and_entropy
+from .selection import clip_cov_select, cov_scores, kl_cov_select, masked_mean
+
+METHODS = ("ppo", "clip_cov", "kl_cov")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# verl's vanilla PPO clamps the log-ratio before exp; its Clip-Cov and KL-Cov do not.
+PPO_LOG_RATIO_CLAMP = 20.0
+
+
+def _div(num, den):
+    """num / den with a zero denominator read as 1: an all-masked batch gives 0, never NaN."""
+    den = torch.as_tensor(den, dtype=num.dtype, device=num.device)
+    return num / torch.where(den > 0, den, torch.ones_like(den))
+
+
+def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None, num_seqs=None, horizon=None):
+    """Aggregates a per-token loss [B, T] into a 0-dim tensor (SPEC section 7); m = loss_mask != 0.
+
+    token-mean: sum(L m) / N; token-sum: sum(L m); seq-mean-token-sum: sum_b sum_t(L m) / S;
+    seq-mean-token-mean: sum_b [sum_t(L m) / sum_t m] / S; seq-mean-token-sum-norm: sum(L m) / S / horizon.
+    N = num_tokens or sum(m); S = num_seqs or the number of sequences with a valid token; horizon =
+    loss_mask.shape[-1] unless given. num_tokens / num_seqs (number or 0-dim tensor) are global
+    denominators over every micro-batch and rank of the step (verl's batch_num_tokens and
+    global_batch_size): summing the micro-batch losses then gives the loss, and gradient, of the whole batch.
+    """
+    check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
+    if loss_mat.shape != loss_mask.shape:
+        raise ValueError(f"loss_mask must have the shape of loss_mat {tuple(loss_mat.shape)}, "
+                         f"got {tuple(loss_mask.shape)}")
+    for name, value in (("num_tokens", num_tokens), ("num_seqs", num_seqs)):
+        if value is not None and not isinstance(value, torch.Tensor):
+            check_nonnegative(name, value)
+    if horizon is not None and not horizon > 0:
+        raise ValueError(f"horizon must be > 0, got {horizon}")
+    m = loss_mask != 0
+    masked = torch.where(m, loss_mat, torch.zeros_like(loss_mat))
+    if loss_agg_mode == "token-sum":
+        return masked.sum()
+    if loss_agg_mode == "token-mean":
+        return _div(masked.sum(), m.sum() if num_tokens is None else num_tokens)
+    seq_tokens, seq_sums = m.sum(-1), masked.sum(-1)
+    if loss_agg_mode == "seq-mean-token-mean":
+        seq_sums = _div(seq_sums, seq_tokens)
+    loss = _div(seq_sums.sum(), (seq_tokens > 0).sum() if num_seqs is None else num_seqs)
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        loss = loss / (loss_mask.shape[-1] if horizon is None else horizon)
+    return loss
+
+
+def _check_hyper(hyper):
+    """Hyperparameters of a loss call (the `hyper` dict of token_loss / policy_loss)."""
+    check_choice("method", hyper["method"], METHODS)
+    check_choice("centering", hyper["centering"], ("batch", "state"))
+    check_choice("loss_agg_mode", hyper["loss_agg_mode"], AGG_MODES)
+    for name in ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_cov_ratio", "kl_cov_ratio"):
+        if hyper[name] is not None:
+            check_nonnegative(name, hyper[name])
+    if not hyper["clip_cov_lb"] < hyper["clip_cov_ub"]:
+        raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={hyper['clip_cov_lb']}, "
+                         f"clip_cov_ub={hyper['clip_cov_ub']}")
+    c = hyper["clip_ratio_c"]
+    if c is not None and not c > 1:
+        raise ValueError(f"clip_ratio_c must be > 1 (or None to turn the dual clip off), got {c}")
+
+
+def _check_tokens(shape, device, tensors, validate):
+    """Per-token tensors: all [B, T] = `shape` on `device`; with validate, finite and old_logp <= 0 at
+    valid tokens. Returns the valid tokens (response_mask != 0)."""
+    if len(shape) != 2:
+        raise ValueError(f"per-token inputs must have shape [B, T], got {tuple(shape)}")
+    for name, x in tensors.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.shape != shape:
+            raise ValueError(f"{name} must be a tensor of shape {tuple(shape)}, got {tuple(getattr(x, 'shape', ()))}")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device}, expected {device}")
+    valid = tensors["response_mask"] != 0
+    if validate and not torch.compiler.is_compiling():
+        # One host sync, by choice; only valid tokens are checked (padding may hold anything).
+        old, adv = tensors["old_logp"], tensors["advantages"]
+        bad_old = valid & ~torch.isfinite(old)
+        bad_adv = valid & ~torch.isfinite(adv)
+        positive = valid & (old > 0)
+        flags = torch.stack([bad_old.any(), bad_adv.any(), positive.any()]).tolist()
+        if flags[0]:
+            raise ValueError("old_logp must be finite at valid tokens")
+        if flags[1]:
+            raise ValueError("advantages must be finite at valid tokens")
+        if flags[2]:
+            raise ValueError("old_logp must be <= 0 at valid tokens (it is a log-probability)")
+    return valid
+
+
+def token_loss(logp, old_logp, advantages, response_mask, *, entropy=None, method="ppo", clip_ratio=0.2,
+               clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+               clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch", entropy_coef=0.0,
+               loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, num_tokens=None,
+               num_seqs=None, validate=True):
+    """Policy loss from precomputed log-probs: (loss 0-dim, metrics dict of 0-dim tensors).
+
+    logp [B, T] (differentiable), old_logp, advantages A, response_mask (bool or 0/1), entropy H
+    (differentiable, needed for centering="state" and entropy_coef != 0) and rollout_is_weights: [B, T].
+    rho = exp(logp - old_logp); pg1 = -A rho; pg2 = -A clip(rho, 1 - clip_ratio_low, 1 + clip_ratio_high).
+      "ppo": max(pg1, pg2), with verl's dual clip min(., -A clip_ratio_c) where A < 0 (None: off) and the
+             log-ratio clamped to [-20, 20] as verl's vanilla loss.
+      "clip_cov": max(pg1, pg2), 0 (no gradient) at the clip_cov_select tokens; never the PPO-clipped ones.
+      "kl_cov": pg1 + ppo_kl_coef |logp - old_logp| at the kl_cov_select tokens; no PPO clipping.
+    loss = agg_loss(loss_i * w) - entropy_coef * agg_loss(H). Metrics: entropy (when given), ppo_kl,
+    pg_clipfrac (ppo: clipped fraction; clip_cov/kl_cov: selected fraction), pg_clipfrac_lower (ppo),
+    cov_mean, cov_max, n_selected. Ratios are fractions (2e-4 = 0.02 % of the valid tokens), not percent.
+    """
+    hyper = dict(method=method, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+                 clip_ratio_high=clip_ratio_high, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
+                 clip_cov_ub=clip_cov_ub, clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio,
+                 ppo_kl_coef=ppo_kl_coef, centering=centering, entropy_coef=entropy_coef,
+                 loss_agg_mode=loss_agg_mode)
+    tokens = dict(old_logp=old_logp, advantages=advantages, rollout_is_weights=rollout_is_weights)
+    valid = _check_all(logp.shape, logp.device, hyper, {**tokens, "response_mask": response_mask,
+                                                         "entropy": entropy}, validate, entropy is not None)
+    return _loss_from_logp(logp, entropy, valid, generator=generator, num_tokens=num_tokens, num_seqs=num_seqs,
+                           **tokens, **hyper)
+
+
+def _check_all(shape, device, hyper, tensors, validate, has_entropy):
+    """Every check of token_loss / policy_loss, before any kernel launch; returns response_mask != 0."""
+    _check_hyper(hyper)
+    if hyper["entropy_coef"] != 0 and not has_entropy:
+        raise ValueError(f"entropy must be given when entropy_coef != 0, got entropy_coef={hyper['entropy_coef']}")
+    return _check_tokens(shape, device, tensors, validate)
+
+
+def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_weights, method, clip_ratio,
+                    clip_ratio_low, clip_ratio_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_ratio_c,
+                    kl_cov_ratio, ppo_kl_coef, centering, entropy_coef, loss_agg_mode, generator, num_tokens,
+                    num_seqs):
+    """The body of token_loss, on checked inputs; valid = response_mask != 0."""
+    eps_low = clip_ratio if clip_ratio_low is None else clip_ratio_low
+    eps_high = clip_ratio if clip_ratio_high is None else clip_ratio_high
+    # Trainers mix dtypes (fp32 log-probs, bf16 or fp64 advantages): compute in logp's (at least fp32).
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
+
+    def on_valid(x):
+        # Padding may hold garbage (NaN, huge ratios): zero it before it reaches a value or a gradient.
+        return torch.where(valid, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+    adv = on_valid(advantages)
+    log_ratio = on_valid(logp) - on_valid(old_logp)
+    if method == "ppo":
+        log_ratio = log_ratio.clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)
+    ratio = log_ratio.exp()
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
+    clipped = (pg2 > pg1) & valid
+    scores = cov_scores(logp, advantages, valid, centering=centering,
+                        entropy=None if entropy is None else entropy.to(dtype))
+    fdtype = pg1.dtype
+    if method == "ppo":
+        selected = torch.zeros_like(valid)
+        loss_i = torch.maximum(pg1, pg2)
+        lower = torch.zeros_like(valid)
+        if clip_ratio_c is not None:
+            pg3 = -adv * clip_ratio_c
+            lower = (loss_i > pg3) & (adv < 0)
+            loss_i = torch.where(adv < 0, torch.minimum(loss_i, pg3), loss_i)
+        metrics = {"ppo_kl": masked_mean(-log_ratio, valid), "pg_clipfrac": masked_mean(clipped.to(fdtype), valid),
+                   "pg_clipfrac_lower": masked_mean(lower.to(fdtype), valid)}
+    elif method == "clip_cov":
+        selected = clip_cov_select(scores, valid, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
+                                   clipped=clipped, generator=generator)
+        loss_i = torch.where(selected, torch.zeros_like(pg1), torch.maximum(pg1, pg2))
+        metrics = {"ppo_kl": masked_mean(-log_ratio, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
+    else:
+        selected = kl_cov_select(scores, valid, ratio=kl_cov_ratio)
+        abs_kl = log_ratio.abs()
+        loss_i = pg1 + torch.where(selected, ppo_kl_coef * abs_kl, torch.zeros_like(abs_kl))
+        metrics = {"ppo_kl": masked_mean(abs_kl, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
+    if rollout_is_weights is not None:
+        loss_i = loss_i * on_valid(rollout_is_weights)
+    agg = {"loss_agg_mode": loss_agg_mode, "num_tokens": num_tokens, "num_seqs": num_seqs}
+    loss = agg_loss(loss_i, valid, **agg)
+    if entropy is not None:
+        metrics["entropy"] = agg_loss(entropy.to(dtype), valid, **agg)
+        if entropy_coef != 0:
+            loss = loss - entropy_coef * metrics["entropy"]
+    metrics["cov_mean"] = masked_mean(scores, valid)
+    metrics["cov_max"] = torch.where(valid.any(), torch.where(valid, scores, float("-inf")).amax(), 0.0)
+    metrics["n_selected"] = selected.sum()
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method="ppo", clip_ratio=0.2,
+                clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
+                clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch", entropy_coef=0.0,
+                loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, temperature=1.0,
+                ignore_index=-100, num_tokens=None, num_seqs=None, validate=True):
+    """The policy loss from logits [B, T, V] with one fused forward and one fused backward.
+
+    targets [B, T] int (the sampled tokens); old_logp, advantages, response_mask, rollout_is_weights:
+    [B, T]. A token is valid where response_mask != 0 and its target is not ignore_index. Other
+    arguments as `token_loss`. Returns (loss, metrics); the gradient reaches the logits through logp and
+    the entropy in a single backward pass.
+
+    Example:
+        >>> loss, metrics = policy_loss(logits, responses, old_logp, adv, mask, method="kl_cov")
+        >>> loss.backward()
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"logits must be a [B, T, V] tensor, got {getattr(logits, 'shape', type(logits))}")
+    hyper = dict(method=method, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
+                 clip_ratio_high=clip_ratio_high, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
+                 clip_cov_ub=clip_cov_ub, clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio,
+                 ppo_kl_coef=ppo_kl_coef, centering=centering, entropy_coef=entropy_coef,
+                 loss_agg_mode=loss_agg_mode)
+    tokens = dict(old_logp=old_logp, advantages=advantages, rollout_is_weights=rollout_is_weights)
+    valid = _check_all(logits.shape[:-1], logits.device, hyper, {**tokens, "response_mask": response_mask},
+                       validate, True)
+    if isinstance(targets, torch.Tensor) and targets.shape == valid.shape:
+        # Padding takes no part in the loss: marking it ignored means its logits are never read.
+        targets = torch.where(valid, targets, ignore_index)
+    logp, entropy = logprobs_and_entropy(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                         validate=validate)
+    return _loss_from_logp(logp, entropy, targets != ignore_index, generator=generator, num_tokens=num_tokens,
+                           num_seqs=num_seqs, **tokens, **hyper)
+
+
+def ppo_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):
+    """`policy_loss` with method="ppo"."""
+    return policy_loss(logits, targets, old_logp, advantages, response_mask, method="ppo", **kwargs)
+
+
+def clip_cov_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):
+    """`policy_loss` with method="clip_cov"."""
+    return policy_loss(logits, targets, old_logp, advantages, response_mask, method="clip_cov", **kwargs)
+
+
+def kl_cov_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):
+    """`policy_loss` with method="kl_cov"."""
+    return policy_loss(logits, targets, old_logp, advantages, response_mask, method="kl_cov", **kwargs)

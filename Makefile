@@ -7,7 +7,7 @@ PYTHON ?= python3
 # machines without CUDA, and an existing (GPU) torch is never replaced.
 setup:
 	$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e ".[test,bench]"
+	$(PYTHON) -m pip install -q -e ".[test,bench,peers]"
 
 bench: setup
 	$(PYTHON) -m bench

@@ -157,33 +157,39 @@ def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_we
     log_ratio = on_valid(logp) - on_valid(old_logp)
     if method == "ppo":
         log_ratio = log_ratio.clamp(-PPO_LOG_RATIO_CLAMP, PPO_LOG_RATIO_CLAMP)
-    ratio = log_ratio.exp()
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)
-    clipped = (pg2 > pg1) & valid
+    ratio = log_ratio.detach().exp()
+    pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)  # its gradient is 0 wherever it is the loss
+    clipped = (pg2 > -adv * ratio) & valid
     scores = cov_scores(logp, advantages, valid, centering=centering,
                         entropy=None if entropy is None else entropy.to(dtype))
-    fdtype = pg1.dtype
-    if method == "ppo":
-        selected = torch.zeros_like(valid)
-        loss_i = torch.maximum(pg1, pg2)
-        lower = torch.zeros_like(valid)
-        if clip_ratio_c is not None:
-            pg3 = -adv * clip_ratio_c
-            lower = (loss_i > pg3) & (adv < 0)
-            loss_i = torch.where(adv < 0, torch.minimum(loss_i, pg3), loss_i)
-        metrics = {"ppo_kl": masked_mean(-log_ratio, valid), "pg_clipfrac": masked_mean(clipped.to(fdtype), valid),
-                   "pg_clipfrac_lower": masked_mean(lower.to(fdtype), valid)}
-    elif method == "clip_cov":
-        selected = clip_cov_select(scores, valid, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
-                                   clipped=clipped, generator=generator)
-        loss_i = torch.where(selected, torch.zeros_like(pg1), torch.maximum(pg1, pg2))
-        metrics = {"ppo_kl": masked_mean(-log_ratio, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
-    else:
+    fdtype = pg2.dtype
+    if method == "kl_cov":
         selected = kl_cov_select(scores, valid, ratio=kl_cov_ratio)
         abs_kl = log_ratio.abs()
+        # A zero advantage contributes exactly 0 (and no gradient) even where e^(l - l_old) overflows.
+        pg1 = -adv * torch.where(adv == 0, 0.0, log_ratio).exp()
         loss_i = pg1 + torch.where(selected, ppo_kl_coef * abs_kl, torch.zeros_like(abs_kl))
         metrics = {"ppo_kl": masked_mean(abs_kl, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
+    else:
+        selected = torch.zeros_like(valid)
+        if method == "clip_cov":
+            selected = clip_cov_select(scores, valid, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
+                                       clipped=clipped, generator=generator)
+        # max(pg1, pg2) = pg1 off the clipped tokens. Clipped, selected and zero-advantage tokens pass no
+        # gradient, so their ratio is not differentiated: an overflowing e^(l - l_old) would give 0 * inf.
+        frozen = clipped | selected | (adv == 0)
+        pg1 = -adv * torch.where(frozen, 0.0, log_ratio).exp()
+        loss_i = torch.where(clipped, pg2, pg1)
+        metrics = {"ppo_kl": masked_mean(-log_ratio, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
+        if method == "ppo":
+            lower = torch.zeros_like(valid)
+            if clip_ratio_c is not None:
+                pg3 = -adv * clip_ratio_c
+                lower = (loss_i > pg3) & (adv < 0)
+                loss_i = torch.where(adv < 0, torch.minimum(loss_i, pg3), loss_i)
+            metrics["pg_clipfrac"] = masked_mean(clipped.to(fdtype), valid)
+            metrics["pg_clipfrac_lower"] = masked_mean(lower.to(fdtype), valid)
+        loss_i = torch.where(selected, 0.0, loss_i)
     if rollout_is_weights is not None:
         loss_i = loss_i * on_valid(rollout_is_weights)
     agg = {"loss_agg_mode": loss_agg_mode, "num_tokens": num_tokens, "num_seqs": num_seqs}

@@ -3,6 +3,13 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+# Bounded in CI; HYPOTHESIS_PROFILE=thorough for a long search on demand.
+settings.register_profile("ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Must be set before covkernels (and so any @triton.jit function) is imported.
 if not torch.cuda.is_available():

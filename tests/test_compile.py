@@ -39,9 +39,9 @@ def test_validation_inside_compile_does_not_break_the_graph():
     assert torch.isfinite(fn(logits))
 
 
-def test_double_backward_raises():
+def test_double_backward_raises_a_clear_error():
     x = torch.randn(3, 20, dtype=torch.float64, requires_grad=True)
     logp, _ = ck.logprobs_and_entropy(x, torch.tensor([1, 2, 3]))
     (g,) = torch.autograd.grad(logp.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="double backward"):
         g.sum().backward()

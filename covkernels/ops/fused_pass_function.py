@@ -5,7 +5,7 @@ covkernels::fused_bwd       -> a new gradient in the logits' dtype
 covkernels::fused_bwd_      -> the gradient written into the logits' storage (inplace_backward=True)
 
 Each op runs the Triton launcher or the chunked PyTorch one (`use_triton`); both take the same
-arguments. Double backward is not supported: the backward ops have no autograd formula of their own.
+arguments. Double backward is not supported: differentiating the backward ops raises a clear error.
 """
 import torch
 from torch import Tensor
@@ -75,3 +75,17 @@ def _backward(ctx, grad_logp, grad_entropy, *_):
 
 
 fused_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("covkernels: double backward through the fused pass is not supported (the gradient of "
+                       "logprobs_and_entropy / token_stats / policy_loss is first-order only)")
+
+
+def _no_context(ctx, inputs, output):
+    pass
+
+
+# The in-place op mutates its input and so cannot take an autograd formula; it overwrites the logits,
+# which leaves nothing to differentiate a second time.
+fused_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)

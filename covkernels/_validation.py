@@ -75,3 +75,11 @@ def check_nonnegative(name, value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not value >= 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def check_fraction(name, value):
+    """A fraction in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")

@@ -3,8 +3,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._validation import check_choice, check_logits_targets, check_positive
-from .ops.fused_pass_function import fused_fwd_op
+from ._validation import check_choice, check_fraction, check_logits_targets, check_positive
+from .ops.fused_pass_function import clamped_fwd_op, fused_fwd_op
 
 
 class TokenStats(NamedTuple):
@@ -19,6 +19,7 @@ class TokenStats(NamedTuple):
     p_target: torch.Tensor
     sum_p2: torch.Tensor
     sum_p2_logp: torch.Tensor
+    clamped_entropy: torch.Tensor | None = None
 
 
 def _fused(logits, targets, temperature, ignore_index, stats, inplace_backward, validate, impl):
@@ -57,17 +58,29 @@ def logprobs_and_entropy(logits, targets, *, temperature=1.0, ignore_index=-100,
     return logp, entropy
 
 
-def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, validate=True, impl="auto"):
+def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fraction=None, validate=True,
+                impl="auto"):
     """Every per-row statistic of the fused pass (SPEC section 2), from the same single read.
 
     Arguments as `logprobs_and_entropy`. Returns a TokenStats of [...] fp32 tensors: logp and entropy
     (differentiable), and detached lse, p_target = exp(logp), sum_p2 = sum p^2 and
     sum_p2_logp = sum p^2 log p. Ignored rows are 0 in every field.
+
+    clamp_fraction=p in [0, 1) adds AEnt's `clamped_entropy` (differentiable): the entropy of the softmax
+    renormalised over the row without its floor(p V) smallest logits (equal logits: lowest index first).
+    Its threshold is an exact radix select (no sort); a bf16 row is then read three times in all.
     """
-    logp, entropy, lse, sum_p2, sum_p2_logp = _fused(logits, targets, temperature, ignore_index, True, False,
-                                                     validate, impl)
+    if clamp_fraction is None:
+        logp, entropy, lse, sum_p2, sum_p2_logp = _fused(logits, targets, temperature, ignore_index, True, False,
+                                                         validate, impl)
+        clamped = None
+    else:
+        check_fraction("clamp_fraction", clamp_fraction)
+        use_triton = check_logits_targets(logits, targets, temperature, ignore_index, impl, validate)
+        logp, entropy, lse, sum_p2, sum_p2_logp, clamped, *_ = clamped_fwd_op(
+            logits, targets, 1.0 / float(temperature), int(ignore_index), float(clamp_fraction), use_triton)
     p_target = torch.where(targets != ignore_index, logp.detach().exp(), 0.0)
-    return TokenStats(logp, entropy, lse.detach(), p_target, sum_p2.detach(), sum_p2_logp.detach())
+    return TokenStats(logp, entropy, lse.detach(), p_target, sum_p2.detach(), sum_p2_logp.detach(), clamped)
 
 
 def entropy_change(stats, advantages, *, kind="pg", lr=1.0):

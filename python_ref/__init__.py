@@ -1,13 +1,16 @@
 """Plain-PyTorch reference of covkernels: the executable form of SPEC.md, never edited to match a kernel."""
-from .logprobs import TokenStats, entropy_change, logprobs_and_entropy, token_stats
+from .aent import aent_coef_trajectory
+from .logprobs import TokenStats, clamped_entropy, entropy_change, logprobs_and_entropy, token_stats
 from .policy_loss import agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
 from .selection import clip_cov_select, cov_scores, kl_cov_select
 
 __all__ = [
     "TokenStats",
+    "aent_coef_trajectory",
     "agg_loss",
     "clip_cov_loss",
     "clip_cov_select",
+    "clamped_entropy",
     "cov_scores",
     "entropy_change",
     "kl_cov_loss",

@@ -18,12 +18,29 @@ class TokenStats(NamedTuple):
     p_target: torch.Tensor
     sum_p2: torch.Tensor
     sum_p2_logp: torch.Tensor
+    clamped_entropy: torch.Tensor | None = None
 
 
-def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, validate=True, impl="auto"):
+def clamped_entropy(z, clamp_fraction):
+    """AEnt's clamped entropy (SPEC section 6) of each row of z [..., V]: the entropy of the softmax
+    renormalised over K, the row without its floor(p V) smallest entries (a stable ascending sort: among
+    equal values the lower index goes first). Differentiable; 0 gradient off K."""
+    V = z.shape[-1]
+    order = torch.sort(z.detach(), dim=-1, stable=True).indices
+    removed = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter(-1, order[..., :int(clamp_fraction * V)],
+                                                                              True)
+    zk = z.masked_fill(removed, float("-inf"))
+    logp_k = zk - torch.logsumexp(zk, dim=-1, keepdim=True)
+    p_k = logp_k.exp()
+    return -(p_k * torch.where(p_k > 0, logp_k, torch.zeros_like(logp_k))).sum(-1)
+
+
+def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fraction=None, validate=True,
+                impl="auto"):
     """All per-row statistics of softmax(logits / temperature).
 
-    logits [..., V] (any float dtype, computed in that dtype), targets [...] integer.
+    logits [..., V] (any float dtype, computed in that dtype), targets [...] integer. With clamp_fraction=p
+    in [0, 1), also AEnt's `clamped_entropy` (see `clamped_entropy`), differentiable.
     lse = logsumexp(z), logp = z_t - lse, entropy H = -sum p log p, sum_p2 = sum p^2,
     sum_p2_logp = sum p^2 log p, with 0 log 0 = 0. Rows whose target is `ignore_index` give 0 everywhere
     and no gradient. logp and entropy are differentiable; the rest are detached.
@@ -46,7 +63,8 @@ def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, validate
 
     logp, entropy = masked(logp), masked(entropy)
     lse, sum_p2, sum_p2_logp = (masked(x).detach() for x in (lse, sum_p2, sum_p2_logp))
-    return TokenStats(logp, entropy, lse, logp.detach().exp() * valid, sum_p2, sum_p2_logp)
+    clamped = None if clamp_fraction is None else masked(clamped_entropy(z, clamp_fraction))
+    return TokenStats(logp, entropy, lse, logp.detach().exp() * valid, sum_p2, sum_p2_logp, clamped)
 
 
 def logprobs_and_entropy(logits, targets, *, temperature=1.0, ignore_index=-100, inplace_backward=False,

@@ -29,6 +29,26 @@ def _rescale(mx_old, mx_new, l, s1, q, q1):
 
 
 @triton.jit
+def _online_update(z, mx, l, s1, q, q1, STATS: tl.constexpr):
+    """Adds one block z [BLOCK_V] (masked entries -inf) to the running accumulators of SPEC section 2."""
+    mx_new = tl.maximum(mx, tl.max(z, axis=0))
+    # While only -inf was seen the reference stays at 0: every e is 0 and every sum stays 0.
+    ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+    l, s1, q, q1 = _rescale(mx, ref, l, s1, q, q1)
+    zs = z - ref
+    e = tl.exp(zs)
+    # e == 0 covers -inf entries and underflow, where zs may be -inf and e * zs would be NaN.
+    zs = tl.where(e > 0, zs, 0.0)
+    l += tl.sum(e, axis=0)
+    s1 += tl.sum(e * zs, axis=0)
+    if STATS:
+        e2 = e * e
+        q += tl.sum(e2, axis=0)
+        q1 += tl.sum(e2 * zs, axis=0)
+    return mx_new, l, s1, q, q1
+
+
+@triton.jit
 def _accumulate(x_ptr, row_off, col_start, col_end, inv_temp,
                 BLOCK_V: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
     """Online accumulators (mx, l, s1, q, q1) of z = x * inv_temp over columns [col_start, col_end)."""
@@ -40,24 +60,18 @@ def _accumulate(x_ptr, row_off, col_start, col_end, inv_temp,
     q1 = tl.full([], 0.0, ACC)
     for start in range(col_start, col_end, BLOCK_V):
         cols = start + offs_v
-        mask_v = cols < col_end
-        z = tl.load(x_ptr + row_off + cols, mask=mask_v, other=float("-inf")).to(ACC) * inv_temp  # [BLOCK_V]
-        mx_new = tl.maximum(mx, tl.max(z, axis=0))
-        # While only -inf was seen the reference stays at 0: every e is 0 and every sum stays 0.
-        ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
-        l, s1, q, q1 = _rescale(mx, ref, l, s1, q, q1)
-        zs = z - ref
-        e = tl.exp(zs)
-        # e == 0 covers -inf entries and underflow, where zs may be -inf and e * zs would be NaN.
-        zs = tl.where(e > 0, zs, 0.0)
-        l += tl.sum(e, axis=0)
-        s1 += tl.sum(e * zs, axis=0)
-        if STATS:
-            e2 = e * e
-            q += tl.sum(e2, axis=0)
-            q1 += tl.sum(e2 * zs, axis=0)
-        mx = mx_new
+        z = tl.load(x_ptr + row_off + cols, mask=cols < col_end, other=float("-inf")).to(ACC) * inv_temp
+        mx, l, s1, q, q1 = _online_update(z, mx, l, s1, q, q1, STATS)
     return mx, l, s1, q, q1
+
+
+@triton.jit
+def _entropy_grad(z, lse, ent):
+    """p and p (log p + H) of a block of z for a softmax with the given lse and entropy; 0 where p = 0
+    (a -inf logit), where p * (log p + H) would be 0 * -inf."""
+    logp = z - lse
+    p = tl.exp(logp)
+    return p, p * (tl.where(p > 0, logp, 0.0) + ent)
 
 
 @triton.jit
@@ -171,10 +185,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
         cols = start + offs_v
         mask_v = cols < col_end
         z = tl.load(x_ptr + row_off + cols, mask=cols < read_end, other=0.0).to(ACC) * inv_temp
-        logp = z - lse
-        p = tl.exp(logp)
-        # p == 0 (a -inf logit) contributes nothing to dH; p * (logp + H) would be 0 * -inf there.
-        dent = p * (tl.where(p > 0, logp, 0.0) + ent)
+        p, dent = _entropy_grad(z, lse, ent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent) * inv_temp
         dz = tl.where(valid, dz, 0.0)
         tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=mask_v)

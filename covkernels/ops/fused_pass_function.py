@@ -3,6 +3,8 @@
 covkernels::fused_fwd       logits, targets -> (logp, entropy, lse, sum_p2, sum_p2_logp)
 covkernels::fused_bwd       -> a new gradient in the logits' dtype
 covkernels::fused_bwd_      -> the gradient written into the logits' storage (inplace_backward=True)
+covkernels::clamped_fwd     the same plus AEnt's clamped entropy (and what its backward needs)
+covkernels::clamped_bwd     -> the gradient of logp, entropy and clamped entropy
 
 Each op runs the Triton launcher or the chunked PyTorch one (`use_triton`); both take the same
 arguments. Double backward is not supported: differentiating the backward ops raises a clear error.
@@ -10,6 +12,8 @@ arguments. Double backward is not supported: differentiating the backward ops ra
 import torch
 from torch import Tensor
 
+from .clamped_entropy import clamped_bwd, clamped_fwd
+from .clamped_entropy_torch import clamped_bwd_torch, clamped_fwd_torch
 from .fused_pass import fused_bwd, fused_fwd
 from .fused_pass_torch import fused_bwd_torch, fused_fwd_torch
 from .layout import acc_dtype, new_outputs
@@ -89,3 +93,51 @@ def _no_context(ctx, inputs, output):
 # The in-place op mutates its input and so cannot take an autograd formula; it overwrites the logits,
 # which leaves nothing to differentiate a second time.
 fused_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
+
+
+@torch.library.custom_op("covkernels::clamped_fwd", mutates_args=())
+def clamped_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
+                   use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    launch = clamped_fwd if use_triton else clamped_fwd_torch
+    return tuple(launch(logits, targets, inv_temp, ignore_index, clamp_fraction))
+
+
+@clamped_fwd_op.register_fake
+def _(logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton):
+    acc = acc_dtype(logits.dtype)
+    floats = [torch.empty(targets.shape, dtype=acc, device=targets.device) for _ in range(7)]
+    return (*floats, *(torch.empty(targets.shape, dtype=torch.int64, device=targets.device) for _ in range(2)))
+
+
+@torch.library.custom_op("covkernels::clamped_bwd", mutates_args=())
+def clamped_bwd_op(logits: Tensor, targets: Tensor, thr: Tensor, n_tie: Tensor, lse: Tensor, entropy: Tensor,
+                   lse_kept: Tensor, clamped_entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor,
+                   grad_clamped: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
+                   use_triton: bool) -> Tensor:
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    launch = clamped_bwd if use_triton else clamped_bwd_torch
+    return launch(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_entropy, grad_logp, grad_entropy,
+                  grad_clamped, inv_temp, ignore_index, clamp_fraction, out)
+
+
+@clamped_bwd_op.register_fake
+def _(logits, *args):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+def _clamped_setup_context(ctx, inputs, output):
+    logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton = inputs
+    _, entropy, lse, _, _, clamped_entropy, lse_kept, thr, n_tie = output
+    ctx.save_for_backward(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_entropy)
+    ctx.args = (inv_temp, ignore_index, clamp_fraction, use_triton)
+
+
+def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, grad_clamped, *_):
+    saved = ctx.saved_tensors
+    lse = saved[4]
+    grads = [torch.zeros_like(lse) if g is None else g for g in (grad_logp, grad_entropy, grad_clamped)]
+    return clamped_bwd_op(*saved, *grads, *ctx.args), None, None, None, None, None
+
+
+clamped_fwd_op.register_autograd(_clamped_backward, setup_context=_clamped_setup_context)
+clamped_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)

@@ -63,8 +63,12 @@ def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None)
 
 
 def fused_bwd_torch(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
-                    splits=None):
-    """Chunked PyTorch backward; see fused_pass.fused_bwd. `out` may be `logits` itself."""
+                    splits=None, extra_grad=None):
+    """Chunked PyTorch backward; see fused_pass.fused_bwd. `out` may be `logits` itself.
+
+    extra_grad(rows, x) -> [rows, V], if given, is added to each block's gradient with respect to
+    z = logits / temperature (x is read before the block is overwritten, so this works in place too).
+    """
     t_flat = targets.reshape(-1)
     acc = acc_dtype(logits.dtype)
     g_logp = grad_logp.reshape(-1).to(acc)
@@ -76,5 +80,7 @@ def fused_bwd_torch(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_
         dent = p * (torch.where(p > 0, logp_all, 0.0) + ent[sl, None])
         dz = -g_logp[sl, None] * p - g_ent[sl, None] * dent
         dz.scatter_add_(-1, t.unsqueeze(-1), g_logp[sl, None])
+        if extra_grad is not None:
+            dz = dz + extra_grad(sl, x)
         dst.copy_(torch.where(valid[:, None], dz * inv_temp, 0.0))
     return out

@@ -1,0 +1,111 @@
+"""AEnt: the clamped entropy (exact threshold, ties by index) and its controller, against python_ref."""
+import math
+
+import pytest
+import torch
+
+import covkernels as ck
+import python_ref as ref
+from covkernels.ops.clamped_entropy import clamped_fwd
+from helpers import LAYOUTS, make_logits, make_targets, upstream
+from tolerances import assert_close_to_ref
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _check(logits, targets, p, temperature, impl):
+    dtype = logits.dtype
+    g_logp, g_ent = upstream(targets.shape)
+    g_cent = upstream(targets.shape, seed=9)[0]
+    results = []
+    for fn, x in ((ck.token_stats, logits.clone()), (ref.token_stats, logits.double()), (ref.token_stats, logits.clone())):
+        x.requires_grad_()
+        s = fn(x, targets, temperature=temperature, clamp_fraction=p, impl=impl)
+        loss = (s.logp * g_logp + s.entropy * g_ent + s.clamped_entropy * g_cent).sum()
+        results.append((s, torch.autograd.grad(loss, x)[0]))
+    (s, grad), (t, g64), (lo, glo) = results
+    for f in s._fields:
+        assert_close_to_ref(getattr(s, f), getattr(t, f), getattr(lo, f), dtype, "fwd", f)
+    assert_close_to_ref(grad, g64, glo, dtype, "bwd", "grad")
+    return s
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.97])
+@pytest.mark.parametrize("V", [1, 2, 130, 4099])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clamped_entropy_matches_reference(dtype, V, p, impl):
+    logits = make_logits("sliced", 6, V, dtype, seed=V)
+    logits[0, 1] = logits[0, 1].float().round().to(dtype)  # many ties, some at the threshold
+    logits[1, 0, ::3] = float("-inf") if V > 2 else logits[1, 0, ::3]
+    s = _check(logits, make_targets(logits), p, 0.8, impl)
+    assert (s.clamped_entropy >= 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layouts_and_int32_targets(layout, impl):
+    logits = make_logits(layout, 8, 257, torch.bfloat16)
+    _check(logits, make_targets(logits, dtype=torch.int32), 0.5, 1.3, impl)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_at_the_threshold_drop_the_lowest_indices(dtype):
+    """Row [1, 1, 1, 1, 0, 2] with p = 0.5 drops 0 and the first two 1s: K = {index 2, 3, 5}."""
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0, 2.0]], dtype=dtype)
+    s = ck.token_stats(logits, torch.tensor([0]), clamp_fraction=0.5, impl="triton")
+    z = torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64)
+    assert s.clamped_entropy.item() == pytest.approx(-(z.softmax(0) * z.log_softmax(0)).sum().item(), abs=1e-6)
+    x = logits.clone().requires_grad_()
+    ck.token_stats(x, torch.tensor([0]), clamp_fraction=0.5, impl="triton").clamped_entropy.sum().backward()
+    assert (x.grad[0, [0, 1, 4]] == 0).all() and (x.grad[0, [2, 3, 5]] != 0).all()
+
+
+def test_threshold_is_exact_on_adversarial_keys():
+    """-0.0 equals +0.0, -inf sorts first, negative values order backwards by their bits."""
+    logits = torch.tensor([[-0.0, 0.0, -1.0, -0.5, float("-inf"), 3.0, -2.5, 0.0]])
+    for p in [i / 8 for i in range(8)]:
+        got = clamped_fwd(logits, torch.tensor([5]), 1.0, -100, p)[5]
+        want = ref.token_stats(logits.double(), torch.tensor([5]), clamp_fraction=p).clamped_entropy
+        assert got.item() == pytest.approx(want.item(), abs=1e-6), p
+
+
+def test_closed_forms():
+    V = 10
+    uniform = ck.token_stats(torch.zeros(2, V), torch.tensor([0, 1]), clamp_fraction=0.3)
+    assert torch.allclose(uniform.clamped_entropy, torch.full((2,), math.log(7)))
+    x = torch.randn(3, 50)
+    s = ck.token_stats(x, torch.tensor([0, 1, 2]), clamp_fraction=0.0)
+    assert torch.allclose(s.clamped_entropy, s.entropy, atol=1e-6)
+    one = ck.token_stats(x, torch.tensor([0, 1, 2]), clamp_fraction=0.99)  # one token kept
+    assert (one.clamped_entropy == 0).all()
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan")])
+def test_bad_clamp_fraction(bad):
+    with pytest.raises(ValueError, match="clamp_fraction"):
+        ck.token_stats(torch.randn(2, 5), torch.tensor([0, 1]), clamp_fraction=bad)
+
+
+def test_controller_follows_the_rule_step_by_step():
+    entropies = [0.5] * 35 + [0.01] * 40 + [0.1] * 5 + [10.0] * 5 + [0.0] * 4000
+    kw = dict(coef=2e-4, entropy_low=0.05, entropy_high=0.23, lr=1e-3, coef_min=1e-5, coef_max=3e-3, warmup=29)
+    ctl = ck.AEntController(**kw)
+    got = [ctl.update(torch.tensor(h, dtype=torch.float64)) for h in entropies]
+    want = ref.aent_coef_trajectory(entropies, **kw)
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert got[:29] == [2e-4] * 29 and got[29] < 2e-4  # warm-up, then H above the band lowers lambda
+    assert min(got) == 1e-5 and got[-1] == 3e-3  # clipped at both ends
+
+
+def test_controller_state_round_trip():
+    ctl = ck.AEntController(warmup=0)
+    for h in (0.01, 0.02, 0.5):
+        ctl.update(h)
+    resumed = ck.AEntController(warmup=0)
+    resumed.load_state_dict(ctl.state_dict())
+    assert resumed.update(0.3) == ctl.update(0.3) and resumed.steps == ctl.steps == 4
+    with pytest.raises(ValueError, match="coef"):
+        ck.AEntController(coef=1.0)
+    with pytest.raises(ValueError, match="finite"):
+        ctl.update(float("nan"))

@@ -71,13 +71,13 @@ def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fr
     Its threshold is an exact radix select (no sort); a bf16 row is then read three times in all.
     """
     if clamp_fraction is None:
-        logp, entropy, lse, sum_p2, sum_p2_logp = _fused(logits, targets, temperature, ignore_index, True, False,
-                                                         validate, impl)
+        logp, entropy, lse, sum_p2, sum_p2_logp, _ = _fused(logits, targets, temperature, ignore_index, True, False,
+                                                            validate, impl)
         clamped = None
     else:
         check_fraction("clamp_fraction", clamp_fraction)
         use_triton = check_logits_targets(logits, targets, temperature, ignore_index, impl, validate)
-        logp, entropy, lse, sum_p2, sum_p2_logp, clamped, *_ = clamped_fwd_op(
+        logp, entropy, lse, sum_p2, sum_p2_logp, _, clamped, *_ = clamped_fwd_op(
             logits, targets, 1.0 / float(temperature), int(ignore_index), float(clamp_fraction), use_triton)
     p_target = torch.where(targets != ignore_index, logp.detach().exp(), 0.0)
     return TokenStats(logp, entropy, lse.detach(), p_target, sum_p2.detach(), sum_p2_logp.detach(), clamped)

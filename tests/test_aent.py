@@ -65,7 +65,7 @@ def test_threshold_is_exact_on_adversarial_keys():
     """-0.0 equals +0.0, -inf sorts first, negative values order backwards by their bits."""
     logits = torch.tensor([[-0.0, 0.0, -1.0, -0.5, float("-inf"), 3.0, -2.5, 0.0]])
     for p in [i / 8 for i in range(8)]:
-        got = clamped_fwd(logits, torch.tensor([5]), 1.0, -100, p)[5]
+        got = clamped_fwd(logits, torch.tensor([5]), 1.0, -100, p)[6]
         want = ref.token_stats(logits.double(), torch.tensor([5]), clamp_fraction=p).clamped_entropy
         assert got.item() == pytest.approx(want.item(), abs=1e-6), p
 

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fused_pass import _TL_DTYPE, _accumulate, _entropy_grad, _finish_row, _load_target_logit, _online_update
-from .fused_pass import _row_offset
+from .fused_pass import _TL_DTYPE, _entropy_grad, _finish_row, _load_target_logit, _online_update, _row_offset
+from .fused_pass import _two_sum
 from .layout import acc_dtype, pick_block, row_layout
 
 _INT = {torch.bfloat16: tl.int16, torch.float16: tl.int16, torch.float32: tl.int32, torch.float64: tl.int64}
@@ -87,8 +87,8 @@ def _kept(x_raw, in_row, thr, n_tie, ties_before, INT: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _fwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, cent_ptr,
-                        lsek_ptr, V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
+def _fwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr,
+                        cent_ptr, lsek_ptr, lsek_lo_ptr, V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
                         BLOCK_V: tl.constexpr, ACC: tl.constexpr, INT: tl.constexpr, BITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     row_off = _row_offset(row, inner, stride_outer, stride_inner)
@@ -111,15 +111,18 @@ def _fwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, logp_ptr, ent_ptr, lse_
         mx, l, s1, q, q1 = _online_update(z, mx, l, s1, q, q1, True)
         mk, lk, s1k, _, _ = _online_update(tl.where(kept, z, float("-inf")), mk, lk, s1k, zero, zero, False)
     z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
-    _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, True)
+    _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, True)
     lk = tl.where(valid, lk, 1.0)
     cent = tl.log(lk) - s1k / lk
+    lse_k, lse_k_lo = _two_sum(mk, tl.log(lk))
     tl.store(cent_ptr + row, tl.where(valid, tl.where(cent < 0, 0.0, cent), 0.0))
-    tl.store(lsek_ptr + row, tl.where(valid, mk + tl.log(lk), 0.0))
+    tl.store(lsek_ptr + row, tl.where(valid, lse_k, 0.0))
+    tl.store(lsek_lo_ptr + row, tl.where(valid, lse_k_lo, 0.0))
 
 
 @triton.jit
-def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, ent_ptr, lsek_ptr, cent_ptr, glogp_ptr, gent_ptr,
+def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, lo_ptr, ent_ptr, lsek_ptr, lsek_lo_ptr, cent_ptr,
+                        glogp_ptr, gent_ptr,
                         gcent_ptr, dx_ptr, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
                         inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr, INT: tl.constexpr,
                         BITS: tl.constexpr):
@@ -131,8 +134,8 @@ def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, ent_ptr, lsek_
     read_end = tl.where(valid, V, 0)
     thr = tl.load(thr_ptr + row)
     n_tie = tl.load(ntie_ptr + row)
-    lse, ent = tl.load(lse_ptr + row), tl.load(ent_ptr + row)
-    lse_k, cent = tl.load(lsek_ptr + row), tl.load(cent_ptr + row)
+    lse, lse_lo, ent = tl.load(lse_ptr + row), tl.load(lo_ptr + row), tl.load(ent_ptr + row)
+    lse_k, lse_k_lo, cent = tl.load(lsek_ptr + row), tl.load(lsek_lo_ptr + row), tl.load(cent_ptr + row)
     g_logp = tl.load(glogp_ptr + row).to(ACC)
     g_ent = tl.load(gent_ptr + row).to(ACC)
     g_cent = tl.load(gcent_ptr + row).to(ACC)
@@ -144,8 +147,8 @@ def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, ent_ptr, lsek_
         x_raw = tl.load(x_ptr + row_off + cols, mask=in_row, other=0.0)
         z = x_raw.to(ACC) * inv_temp
         kept, ties = _kept(x_raw, in_row, thr, n_tie, ties, INT, BITS)
-        p, dent = _entropy_grad(z, lse, ent)
-        _, dcent = _entropy_grad(tl.where(kept, z, float("-inf")), lse_k, cent)
+        p, dent = _entropy_grad(z, lse, lse_lo, ent)
+        _, dcent = _entropy_grad(tl.where(kept, z, float("-inf")), lse_k, lse_k_lo, cent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent - g_cent * dcent) * inv_temp
         tl.store(dx_ptr + dx_row_off + cols, tl.where(valid, dz, 0.0).to(dx_ptr.dtype.element_ty), mask=cols < V)
 
@@ -156,13 +159,14 @@ def n_removed(V, clamp_fraction):
 
 
 def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction):
-    """Forward launcher. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, clamped_entropy, lse_kept, thr,
-    n_tie): the first seven of targets' shape in acc_dtype(logits); thr, n_tie int64 (for the backward)."""
+    """Forward launcher. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo, clamped_entropy, lse_kept,
+    lse_kept_lo, thr, n_tie): the first nine of targets' shape in acc_dtype(logits) (the *_lo are rounding
+    errors of the lse's, for the backward); thr, n_tie int64 (the kept set, for the backward)."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
     t = targets.reshape(-1)
     acc = acc_dtype(logits.dtype)
     block_v, num_warps = pick_block(V, logits.element_size())
-    outs = [torch.empty(targets.shape, dtype=acc, device=logits.device) for _ in range(7)]
+    outs = [torch.empty(targets.shape, dtype=acc, device=logits.device) for _ in range(9)]
     thr, n_tie = (torch.empty(targets.shape, dtype=torch.int64, device=logits.device) for _ in range(2))
     bits = 8 * logits.element_size()
     if N > 0:
@@ -175,8 +179,8 @@ def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction):
     return (*outs, thr, n_tie)
 
 
-def clamped_bwd(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_entropy, grad_logp, grad_entropy,
-                grad_clamped, inv_temp, ignore_index, clamp_fraction, out):
+def clamped_bwd(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy, grad_logp,
+                grad_entropy, grad_clamped, inv_temp, ignore_index, clamp_fraction, out):
     """Backward launcher: writes dz of (logp, entropy, clamped_entropy) into `out` (may be `logits`).
     clamp_fraction is part of the shared launcher interface; here thr and n_tie already encode K."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
@@ -185,7 +189,8 @@ def clamped_bwd(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_ent
     block_v, num_warps = pick_block(V, logits.element_size())
     grads = [g.reshape(-1).to(acc).contiguous() for g in (grad_logp, grad_entropy, grad_clamped)]
     if N > 0:
-        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1), thr, n_tie, lse, entropy, lse_kept, clamped_entropy,
+        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1), thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo,
+                                  clamped_entropy,
                                   *grads, dx, V, inner, stride_outer, stride_inner, dx_stride_outer,
                                   dx_stride_inner, inv_temp, ignore_index, BLOCK_V=block_v, ACC=_TL_DTYPE[acc],
                                   INT=_INT[logits.dtype], BITS=8 * logits.element_size(), num_warps=num_warps)

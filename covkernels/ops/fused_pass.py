@@ -66,30 +66,40 @@ def _accumulate(x_ptr, row_off, col_start, col_end, inv_temp,
 
 
 @triton.jit
-def _entropy_grad(z, lse, ent):
-    """p and p (log p + H) of a block of z for a softmax with the given lse and entropy; 0 where p = 0
-    (a -inf logit), where p * (log p + H) would be 0 * -inf."""
-    logp = z - lse
+def _two_sum(a, b):
+    """(s, e) with s = fl(a + b) and a + b = s + e exactly (Knuth's TwoSum)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+@triton.jit
+def _entropy_grad(z, lse, lse_lo, ent):
+    """p and p (log p + H) of a block of z for a softmax with log-normaliser lse + lse_lo and entropy H;
+    0 where p = 0 (a -inf logit), where p * (log p + H) would be 0 * -inf. lse_lo is lse's rounding error:
+    with logits in the hundreds, fp32 lse alone would shift every log p by up to 1e-5."""
+    logp = (z - lse) - lse_lo
     p = tl.exp(logp)
     return p, p * (tl.where(p > 0, logp, 0.0) + ent)
 
 
 @triton.jit
 def _finish_row(row, t, valid, z_t, mx, l, s1, q, q1,
-                logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS: tl.constexpr):
+                logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS: tl.constexpr):
     """Writes the outputs of one row from its accumulators; ignored rows get 0 everywhere."""
     l = tl.where(valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
     ln_l = tl.log(l)
-    lse = mx + ln_l
+    lse, lse_lo = _two_sum(mx, ln_l)
     # logp <= 0 and H >= 0 always: rounding can push either a hair past its bound. where() rather than
     # minimum/maximum, which drop a NaN (like fminf) and would hide a bad row.
-    logp = z_t - lse
+    logp = (z_t - lse) - lse_lo
     logp = tl.where(logp > 0, 0.0, logp)
     ent = ln_l - s1 / l
     ent = tl.where(ent < 0, 0.0, ent)
     tl.store(logp_ptr + row, tl.where(valid, logp, 0.0))
     tl.store(ent_ptr + row, tl.where(valid, ent, 0.0))
     tl.store(lse_ptr + row, tl.where(valid, lse, 0.0))
+    tl.store(lo_ptr + row, tl.where(valid, lse_lo, 0.0))
     if STATS:
         s2 = q / (l * l)
         s3 = q1 / (l * l) - ln_l * s2
@@ -111,7 +121,7 @@ def _row_offset(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, part_ptr,
+def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, part_ptr,
                 N, V, inner, stride_outer, stride_inner, chunk, inv_temp, ignore_index,
                 BLOCK_V: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -134,11 +144,12 @@ def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, part_p
         tl.store(part + 4 * plane, q1)
     else:
         z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
-        _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS)
+        _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr,
+                    STATS)
 
 
 @triton.jit
-def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, part_ptr,
+def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, part_ptr,
                     N, V, inner, stride_outer, stride_inner, n_split, inv_temp, ignore_index,
                     BLOCK_S: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -159,11 +170,11 @@ def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, pa
     row_off = _row_offset(row, inner, stride_outer, stride_inner)
     z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
     _finish_row(row, t, valid, z_t, ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0),
-                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, STATS)
+                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
+def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
                 V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
                 chunk, inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -173,6 +184,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     lse = tl.load(lse_ptr + row)
+    lse_lo = tl.load(lo_ptr + row)
     ent = tl.load(ent_ptr + row)
     g_logp = tl.load(glogp_ptr + row).to(ACC)
     g_ent = tl.load(gent_ptr + row).to(ACC)
@@ -185,7 +197,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
         cols = start + offs_v
         mask_v = cols < col_end
         z = tl.load(x_ptr + row_off + cols, mask=cols < read_end, other=0.0).to(ACC) * inv_temp
-        p, dent = _entropy_grad(z, lse, ent)
+        p, dent = _entropy_grad(z, lse, lse_lo, ent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent) * inv_temp
         dz = tl.where(valid, dz, 0.0)
         tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=mask_v)
@@ -194,8 +206,9 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
 def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
     """Forward launcher. logits [..., V] (last dim contiguous), targets [...] int.
 
-    Returns (logp, entropy, lse, sum_p2, sum_p2_logp), each of targets' shape in acc_dtype(logits);
-    sum_p2 and sum_p2_logp are empty when `stats` is False. `splits` overrides the programs per row.
+    Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo), each of targets' shape in
+    acc_dtype(logits); lse_lo is the rounding error of lse (for the backward); sum_p2 and sum_p2_logp are
+    empty when `stats` is False. `splits` overrides the programs per row.
     """
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
     t = targets.reshape(-1)
@@ -203,23 +216,23 @@ def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
     block_v, num_warps = pick_block(V, logits.element_size())
     n_split, chunk = num_splits(N, V, block_v, logits.device, splits)
     outs = new_outputs(targets, acc, stats)
-    logp, ent, lse, s2, s3 = (o.view(-1) for o in outs)
+    logp, ent, lse, s2, s3, lse_lo = (o.view(-1) for o in outs)
     if not stats:
         s2 = s3 = lse  # never written: STATS is off
     part = torch.empty((5, N, n_split) if n_split > 1 else (1,), dtype=acc, device=logits.device)
     if N > 0:
         kw = dict(STATS=stats, ACC=_TL_DTYPE[acc])
-        _fwd_kernel[(N, n_split)](x, t, logp, ent, lse, s2, s3, part, N, V, inner, stride_outer, stride_inner,
+        _fwd_kernel[(N, n_split)](x, t, logp, ent, lse, s2, s3, lse_lo, part, N, V, inner, stride_outer, stride_inner,
                                   chunk, inv_temp, ignore_index, BLOCK_V=block_v, SPLIT=n_split > 1,
                                   num_warps=num_warps, **kw)
         if n_split > 1:
-            _combine_kernel[(N,)](x, t, logp, ent, lse, s2, s3, part, N, V, inner, stride_outer, stride_inner,
+            _combine_kernel[(N,)](x, t, logp, ent, lse, s2, s3, lse_lo, part, N, V, inner, stride_outer, stride_inner,
                                   n_split, inv_temp, ignore_index, BLOCK_S=triton.next_power_of_2(n_split),
                                   num_warps=1, **kw)
     return outs
 
 
-def fused_bwd(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
+def fused_bwd(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
               splits=None):
     """Backward launcher: writes dz (SPEC section 3) into `out` ([..., V], logits' shape and dtype).
 
@@ -234,7 +247,8 @@ def fused_bwd(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, 
     g_logp = grad_logp.reshape(-1).to(acc).contiguous()
     g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
     if N > 0:
-        _bwd_kernel[(N, n_split)](x, targets.reshape(-1), lse.reshape(-1), entropy.reshape(-1), g_logp, g_ent,
+        _bwd_kernel[(N, n_split)](x, targets.reshape(-1), lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1),
+                                  g_logp, g_ent,
                                   dx, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
                                   chunk, inv_temp, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
                                   ACC=_TL_DTYPE[acc])

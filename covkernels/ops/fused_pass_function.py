@@ -1,6 +1,6 @@
 """The fused pass as torch custom ops, so autograd and torch.compile see one opaque op each way.
 
-covkernels::fused_fwd       logits, targets -> (logp, entropy, lse, sum_p2, sum_p2_logp)
+covkernels::fused_fwd       logits, targets -> (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo)
 covkernels::fused_bwd       -> a new gradient in the logits' dtype
 covkernels::fused_bwd_      -> the gradient written into the logits' storage (inplace_backward=True)
 covkernels::clamped_fwd     the same plus AEnt's clamped entropy (and what its backward needs)
@@ -21,7 +21,7 @@ from .layout import acc_dtype, new_outputs
 
 @torch.library.custom_op("covkernels::fused_fwd", mutates_args=())
 def fused_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int, stats: bool,
-                 use_triton: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 use_triton: bool, inplace_backward: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     launch = fused_fwd if use_triton else fused_fwd_torch
     return tuple(launch(logits, targets, inv_temp, ignore_index, stats))
 
@@ -32,44 +32,45 @@ def _(logits, targets, inv_temp, ignore_index, stats, use_triton, inplace_backwa
 
 
 @torch.library.custom_op("covkernels::fused_bwd", mutates_args=())
-def fused_bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+def fused_bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, lse_lo: Tensor, entropy: Tensor, grad_logp: Tensor,
                  grad_entropy: Tensor, inv_temp: float, ignore_index: int, use_triton: bool) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     launch = fused_bwd if use_triton else fused_bwd_torch
-    return launch(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out)
+    return launch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out)
 
 
 @fused_bwd_op.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, use_triton):
+def _(logits, *args):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 @torch.library.custom_op("covkernels::fused_bwd_", mutates_args=("logits",))
-def fused_bwd_inplace_op(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                         grad_entropy: Tensor, inv_temp: float, ignore_index: int, use_triton: bool) -> None:
+def fused_bwd_inplace_op(logits: Tensor, targets: Tensor, lse: Tensor, lse_lo: Tensor, entropy: Tensor,
+                         grad_logp: Tensor, grad_entropy: Tensor, inv_temp: float, ignore_index: int,
+                         use_triton: bool) -> None:
     launch = fused_bwd if use_triton else fused_bwd_torch
-    launch(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, logits)
+    launch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, logits)
 
 
 @fused_bwd_inplace_op.register_fake
-def _(logits, targets, lse, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, use_triton):
+def _(logits, *args):
     return None
 
 
 def _setup_context(ctx, inputs, output):
     logits, targets, inv_temp, ignore_index, _, use_triton, inplace_backward = inputs
-    _, entropy, lse, _, _ = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    _, entropy, lse, _, _, lse_lo = output
+    ctx.save_for_backward(logits, targets, lse, lse_lo, entropy)
     ctx.args = (inv_temp, ignore_index, use_triton)
     ctx.inplace_backward = inplace_backward
 
 
 def _backward(ctx, grad_logp, grad_entropy, *_):
-    logits, targets, lse, entropy = ctx.saved_tensors
+    logits, targets, lse, lse_lo, entropy = ctx.saved_tensors
     # An output that took no part in the loss arrives as None: it contributes nothing.
     grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
     grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    args = (logits, targets, lse, entropy, grad_logp, grad_entropy, *ctx.args)
+    args = (logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, *ctx.args)
     if ctx.inplace_backward:
         fused_bwd_inplace_op(*args)
         grad = logits
@@ -97,7 +98,8 @@ fused_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
 
 @torch.library.custom_op("covkernels::clamped_fwd", mutates_args=())
 def clamped_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
-                   use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                   use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                              Tensor, Tensor]:
     launch = clamped_fwd if use_triton else clamped_fwd_torch
     return tuple(launch(logits, targets, inv_temp, ignore_index, clamp_fraction))
 
@@ -105,19 +107,19 @@ def clamped_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_inde
 @clamped_fwd_op.register_fake
 def _(logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton):
     acc = acc_dtype(logits.dtype)
-    floats = [torch.empty(targets.shape, dtype=acc, device=targets.device) for _ in range(7)]
+    floats = [torch.empty(targets.shape, dtype=acc, device=targets.device) for _ in range(9)]
     return (*floats, *(torch.empty(targets.shape, dtype=torch.int64, device=targets.device) for _ in range(2)))
 
 
 @torch.library.custom_op("covkernels::clamped_bwd", mutates_args=())
-def clamped_bwd_op(logits: Tensor, targets: Tensor, thr: Tensor, n_tie: Tensor, lse: Tensor, entropy: Tensor,
-                   lse_kept: Tensor, clamped_entropy: Tensor, grad_logp: Tensor, grad_entropy: Tensor,
-                   grad_clamped: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
-                   use_triton: bool) -> Tensor:
+def clamped_bwd_op(logits: Tensor, targets: Tensor, thr: Tensor, n_tie: Tensor, lse: Tensor, lse_lo: Tensor,
+                   entropy: Tensor, lse_kept: Tensor, lse_kept_lo: Tensor, clamped_entropy: Tensor, grad_logp: Tensor,
+                   grad_entropy: Tensor, grad_clamped: Tensor, inv_temp: float, ignore_index: int,
+                   clamp_fraction: float, use_triton: bool) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     launch = clamped_bwd if use_triton else clamped_bwd_torch
-    return launch(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_entropy, grad_logp, grad_entropy,
-                  grad_clamped, inv_temp, ignore_index, clamp_fraction, out)
+    return launch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy,
+                  grad_logp, grad_entropy, grad_clamped, inv_temp, ignore_index, clamp_fraction, out)
 
 
 @clamped_bwd_op.register_fake
@@ -127,12 +129,12 @@ def _(logits, *args):
 
 def _clamped_setup_context(ctx, inputs, output):
     logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton = inputs
-    _, entropy, lse, _, _, clamped_entropy, lse_kept, thr, n_tie = output
-    ctx.save_for_backward(logits, targets, thr, n_tie, lse, entropy, lse_kept, clamped_entropy)
+    _, entropy, lse, _, _, lse_lo, clamped_entropy, lse_kept, lse_kept_lo, thr, n_tie = output
+    ctx.save_for_backward(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy)
     ctx.args = (inv_temp, ignore_index, clamp_fraction, use_triton)
 
 
-def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, grad_clamped, *_):
+def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, _lo, grad_clamped, *_):
     saved = ctx.saved_tensors
     lse = saved[4]
     grads = [torch.zeros_like(lse) if g is None else g for g in (grad_logp, grad_entropy, grad_clamped)]

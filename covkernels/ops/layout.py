@@ -42,11 +42,11 @@ def acc_dtype(dtype):
 
 
 def new_outputs(targets, acc, stats):
-    """The forward's outputs (logp, entropy, lse, sum_p2, sum_p2_logp), of targets' shape; the last two
-    are empty when `stats` is off. Each is a separate allocation (custom ops may not return aliases)."""
-    n_full = 5 if stats else 3
-    return [torch.empty(targets.shape if i < n_full else (0,), dtype=acc, device=targets.device)
-            for i in range(5)]
+    """The forward's outputs (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo), of targets' shape;
+    sum_p2 and sum_p2_logp are empty when `stats` is off. Each is a separate allocation (custom ops may
+    not return aliases)."""
+    return [torch.empty(targets.shape if stats or i not in (3, 4) else (0,), dtype=acc, device=targets.device)
+            for i in range(6)]
 
 
 def pick_block(V, element_size):

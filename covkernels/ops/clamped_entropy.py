@@ -112,6 +112,7 @@ def _fwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, logp_ptr, ent_ptr, lse_
         mk, lk, s1k, _, _ = _online_update(tl.where(kept, z, float("-inf")), mk, lk, s1k, zero, zero, False)
     z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
     _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, True)
+    mk = tl.where(valid, mk, 0.0)
     lk = tl.where(valid, lk, 1.0)
     cent = tl.log(lk) - s1k / lk
     lse_k, lse_k_lo = _two_sum(mk, tl.log(lk))

@@ -87,7 +87,9 @@ def _entropy_grad(z, lse, lse_lo, ent):
 def _finish_row(row, t, valid, z_t, mx, l, s1, q, q1,
                 logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS: tl.constexpr):
     """Writes the outputs of one row from its accumulators; ignored rows get 0 everywhere."""
-    l = tl.where(valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
+    # An ignored row accumulated nothing (mx = -inf, l = 0): keep its arithmetic finite; it stores 0s.
+    mx = tl.where(valid, mx, 0.0)
+    l = tl.where(valid, l, 1.0)
     ln_l = tl.log(l)
     lse, lse_lo = _two_sum(mx, ln_l)
     # logp <= 0 and H >= 0 always: rounding can push either a hair past its bound. where() rather than

@@ -1,0 +1,100 @@
+"""The main job: `python -m bench [--quick | --full] [--providers a,b] [--ops fwd,fwd_bwd] [--out F]`.
+
+Measures the copy bandwidth (CUDA), then for every case checks each provider against python_ref in
+float64 and times it, printing one table. On a GPU the results go to bench/results/<device-slug>.json
+(or --out), rewritten after every case so that a run cut short keeps what it measured. Without a GPU it
+runs tiny shapes under the Triton interpreter, says loudly that the times are not speed figures, and
+writes a file only when --out is given.
+"""
+from .env import use_interpreter_without_gpu
+
+# Before anything imports covkernels or Liger: their kernels are defined at import time.
+INTERPRETED = use_interpreter_without_gpu()
+
+import argparse
+import os
+import sys
+import time
+
+from . import cases as C
+from . import env, providers, report, runner, timing
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="one realistic shape: N=16384, V=151936 (GPU)")
+    size.add_argument("--full", action="store_true", help="the grid padded and in fp32 as well (GPU)")
+    size.add_argument("--tiny", action="store_true", help="the interpreter's tiny shapes (default on a CPU)")
+    p.add_argument("--ops", default="fwd,fwd_bwd", help="comma-separated subset of fwd,fwd_bwd")
+    p.add_argument("--cases", default=None, help="only the cases whose name contains this (e.g. pad30, fp32)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated subset of {','.join(providers.BY_NAME)}")
+    p.add_argument("--compile", action="store_true", help="run torch.compile(python_ref) on a CPU too")
+    p.add_argument("--out", default=None, help="results JSON (default on a GPU: bench/results/<device>.json)")
+    p.add_argument("--max-minutes", type=float, default=None, help="start no new case after this long")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = env.device()
+    on_gpu = device.type == "cuda"
+    mode = "quick" if args.quick else "full" if args.full else "default"
+    mode = "tiny" if args.tiny or not on_gpu else mode
+    todo = [c for c in C.cases(mode, ops=tuple(args.ops.split(",")))
+            if not args.cases or args.cases in c.name]
+    chosen = providers.select(args.providers.split(",") if args.providers else None)
+    skips = {}
+    if not on_gpu and not args.compile:
+        skips["compiled_ref"] = "torch.compile not run on the CPU (slow to compile; --compile to include)"
+    # Tiny shapes on a GPU get their own file, so they never overwrite a device's real numbers.
+    stem = env.slug(env.device_name()) + ("-tiny" if mode == "tiny" else "")
+    out = args.out or (os.path.join(RESULTS_DIR, stem + ".json") if on_gpu else None)
+
+    if not on_gpu:
+        print(report.banner("NO GPU: tiny shapes, Triton kernels under the INTERPRETER (TRITON_INTERPRET=1). "
+                            "Times below are interpreter times,\n!! NOT speed figures. They check that the "
+                            "benchmark runs and that every provider agrees with python_ref.")
+              if INTERPRETED else report.banner("NO GPU, no interpreter: covkernels runs its PyTorch path."))
+    copy_gbps = timing.copy_bandwidth_gbps()
+    meta = env.describe(copy_gbps)
+    meta.update(mode=mode, timer="cuda_events" if on_gpu else "perf_counter", argv=sys.argv[1:])
+    print(f"device: {meta['device']['name']}  torch {meta['versions']['torch']}  triton "
+          f"{meta['versions']['triton']}  cuda {meta['versions']['cuda']}  commit {meta['git_commit']}")
+    print("copy bandwidth (device to device, read + write): "
+          + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "n/a (CUDA only)"))
+    print(f"mode {mode}: {len(todo)} cases x {len(chosen)} providers; timer {meta['timer']}", flush=True)
+
+    rows, t0 = [], time.monotonic()
+    for case in todo:
+        if args.max_minutes and time.monotonic() - t0 > 60 * args.max_minutes:
+            print(f"time budget of {args.max_minutes} min spent: stopping before {case.name}", flush=True)
+            break
+        rows += runner.run_case(case, chosen, device, copy_gbps, skips,
+                                on_row=lambda r: print(f"  {time.monotonic() - t0:6.1f}s  {r['case']:<28} "
+                                                       f"{r['provider']:<20} {r['status']}", file=sys.stderr,
+                                                       flush=True))
+        if out:
+            report.write(out, meta, rows)
+    print()
+    print(report.table(rows))
+    print()
+    print("bytes: " + report.CONVENTIONS["bytes"] + ".")
+    print("time: " + report.CONVENTIONS["time"] + ".")
+    skipped = {r["provider"]: r["status"] for r in rows if r["status"].startswith("skipped")}
+    for name, why in skipped.items():
+        print(f"not run: {name}: {why.removeprefix('skipped: ')}")
+    if not on_gpu and INTERPRETED:
+        print(report.banner("Interpreter times: NOT speed figures. Run on a GPU for numbers."))
+    if out:
+        print(f"results written to {out}")
+    # A peer that is off or fails is a finding; covkernels or the reference doing so fails the run.
+    bad = [r for r in rows if r["kind"] != "peer" and r["status"].split(":")[0] in ("wrong", "failed")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

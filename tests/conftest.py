@@ -1,5 +1,6 @@
 """Test set-up: Triton's interpreter on machines without a GPU, and NaN-poisoned allocations."""
 import os
+import tempfile
 
 import pytest
 import torch
@@ -14,6 +15,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # Must be set before covkernels (and so any @triton.jit function) is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's on-disk cache does not key on a custom op's schema: graphs compiled against an older
+# covkernels op signature would be replayed. Each test session compiles afresh.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="covkernels-inductor-"))
 
 _empty, _empty_like = torch.empty, torch.empty_like
 

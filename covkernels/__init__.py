@@ -1,13 +1,15 @@
 """covkernels: fused Triton kernels for the entropy-control hot path of LLM reinforcement learning."""
-from . import schedules
+from . import schedules, theory
 from .aent import AEntController
 from .logprobs import TokenStats, entropy_change, logprobs_and_entropy, token_stats
 from .losses import agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
 from .modules import PolicyLoss
 from .selection import clip_cov_select, cov_scores, kl_cov_select
+from .theory import EntropyLaw, entropy_regularized_policy, fit_entropy_law
 
 __all__ = [
     "AEntController",
+    "EntropyLaw",
     "PolicyLoss",
     "TokenStats",
     "agg_loss",
@@ -15,12 +17,15 @@ __all__ = [
     "clip_cov_select",
     "cov_scores",
     "entropy_change",
+    "entropy_regularized_policy",
+    "fit_entropy_law",
     "kl_cov_loss",
     "kl_cov_select",
     "logprobs_and_entropy",
     "policy_loss",
     "ppo_loss",
     "schedules",
+    "theory",
     "token_loss",
     "token_stats",
 ]

@@ -1,5 +1,5 @@
 """covkernels: fused Triton kernels for the entropy-control hot path of LLM reinforcement learning."""
-from . import schedules, theory
+from . import distributed, schedules, theory
 from .aent import AEntController
 from .logprobs import TokenStats, entropy_change, logprobs_and_entropy, token_stats
 from .losses import agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
@@ -16,6 +16,7 @@ __all__ = [
     "clip_cov_loss",
     "clip_cov_select",
     "cov_scores",
+    "distributed",
     "entropy_change",
     "entropy_regularized_policy",
     "fit_entropy_law",

@@ -2,12 +2,21 @@
 
 Numbers follow verl 0.9 (compute_policy_loss_vanilla / _clip_cov / _kl_cov, agg_loss); selections are
 from covkernels.selection. Nothing here synchronises with the host unless validate=True.
+
+Data parallel (`process_group`): the centering means, N_valid, n, the selections and the aggregation
+denominators are those of the whole batch of all ranks (rank r holding rows [r B, (r + 1) B), equal
+[B, T] on every rank); a call makes one all-reduce of 6 float64 and, for Clip-Cov / KL-Cov, one
+all-gather of 2 * n_max float64 per rank (selection.topn_bound). Each rank's loss is its share: the
+sum over ranks is the whole-batch loss, and each rank's gradient is its rows' part of the whole-batch
+gradient (DDP averages gradients over ranks: multiply the loss by the world size to get the sum).
+Metrics stay this rank's. A precomputed `selection` (covkernels.distributed.CovSelection) replaces
+all of that and makes the call collective-free.
 """
 import torch
 
 from ._validation import check_choice, check_nonnegative
 from .logprobs import logprobs_and_entropy
-from .selection import clip_cov_select, cov_scores, kl_cov_select, masked_mean
+from .selection import loss_selection, masked_mean, sum_over_ranks
 
 METHODS = ("ppo", "clip_cov", "kl_cov")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -21,7 +30,8 @@ def _div(num, den):
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None, num_seqs=None, horizon=None):
+def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None, num_seqs=None, horizon=None,
+             process_group=None):
     """Aggregates a per-token loss [B, T] into a 0-dim tensor (SPEC section 7); m = loss_mask != 0.
 
     token-mean: sum(L m) / N; token-sum: sum(L m); seq-mean-token-sum: sum_b sum_t(L m) / S;
@@ -30,6 +40,9 @@ def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None
     loss_mask.shape[-1] unless given. num_tokens / num_seqs (number or 0-dim tensor) are global
     denominators over every micro-batch and rank of the step (verl's batch_num_tokens and
     global_batch_size): summing the micro-batch losses then gives the loss, and gradient, of the whole batch.
+    process_group: N and S default to their sums over the ranks of the group (one all-reduce of 2 float64
+    when the mode needs a denominator that is not given; none for token-sum); the result is this rank's
+    share of the whole-batch loss.
     """
     check_choice("loss_agg_mode", loss_agg_mode, AGG_MODES)
     if loss_mat.shape != loss_mask.shape:
@@ -42,6 +55,11 @@ def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None
         raise ValueError(f"horizon must be > 0, got {horizon}")
     m = loss_mask != 0
     masked = torch.where(m, loss_mat, torch.zeros_like(loss_mat))
+    needs = num_tokens if loss_agg_mode == "token-mean" else num_seqs
+    if process_group is not None and loss_agg_mode != "token-sum" and needs is None:
+        counts = sum_over_ranks([m.sum(), (m.sum(-1) > 0).sum()], process_group)
+        num_tokens = counts[0] if num_tokens is None else num_tokens
+        num_seqs = counts[1] if num_seqs is None else num_seqs
     if loss_agg_mode == "token-sum":
         return masked.sum()
     if loss_agg_mode == "token-mean":
@@ -104,7 +122,7 @@ def token_loss(logp, old_logp, advantages, response_mask, *, entropy=None, metho
                clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
                clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch", entropy_coef=0.0,
                loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, num_tokens=None,
-               num_seqs=None, validate=True):
+               num_seqs=None, process_group=None, selection=None, validate=True):
     """Policy loss from precomputed log-probs: (loss 0-dim, metrics dict of 0-dim tensors).
 
     logp [B, T] (differentiable), old_logp, advantages A, response_mask (bool or 0/1), entropy H
@@ -117,6 +135,13 @@ def token_loss(logp, old_logp, advantages, response_mask, *, entropy=None, metho
     loss = agg_loss(loss_i * w) - entropy_coef * agg_loss(H). Metrics: entropy (when given), ppo_kl,
     pg_clipfrac (ppo: clipped fraction; clip_cov/kl_cov: selected fraction), pg_clipfrac_lower (ppo),
     cov_mean, cov_max, n_selected. Ratios are fractions (2e-4 = 0.02 % of the valid tokens), not percent.
+    process_group: select and aggregate over the whole batch of all data-parallel ranks (module docstring;
+        collectives: one all-reduce of 6 float64, plus one all-gather of 2 * n_max float64 per rank for
+        clip_cov / kl_cov). The Clip-Cov keys are those of the whole batch (selection.clip_cov_keys):
+        with `generator` seeded alike on every rank the subset is the one a single process would draw.
+    selection: a covkernels.distributed.CovSelection for these rows (built once per mini-batch, sliced
+        per micro-batch): its selected tokens, scores and global denominators are used as they are (no
+        collective, `generator` unused); num_tokens / num_seqs, when given, still take precedence.
     """
     hyper = dict(method=method, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
                  clip_ratio_high=clip_ratio_high, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
@@ -126,8 +151,22 @@ def token_loss(logp, old_logp, advantages, response_mask, *, entropy=None, metho
     tokens = dict(old_logp=old_logp, advantages=advantages, rollout_is_weights=rollout_is_weights)
     valid = _check_all(logp.shape, logp.device, hyper, {**tokens, "response_mask": response_mask,
                                                          "entropy": entropy}, validate, entropy is not None)
+    _check_selection(selection, process_group, method, valid.shape)
     return _loss_from_logp(logp, entropy, valid, generator=generator, num_tokens=num_tokens, num_seqs=num_seqs,
-                           **tokens, **hyper)
+                           process_group=process_group, selection=selection, validate=validate, **tokens, **hyper)
+
+
+def _check_selection(selection, process_group, method, shape):
+    if selection is None:
+        return
+    if process_group is not None:
+        raise ValueError("pass process_group to CovSelection.build, not with selection: a selection already "
+                         "holds the statistics of all ranks")
+    if selection.method != method:
+        raise ValueError(f"selection was built for method={selection.method!r}, got method={method!r}")
+    if selection.selected.shape != shape:
+        raise ValueError(f"selection has shape {tuple(selection.selected.shape)}, expected {tuple(shape)}: "
+                         "slice it to the micro-batch's rows (selection[start:stop])")
 
 
 def _check_all(shape, device, hyper, tensors, validate, has_entropy):
@@ -138,16 +177,12 @@ def _check_all(shape, device, hyper, tensors, validate, has_entropy):
     return _check_tokens(shape, device, tensors, validate)
 
 
-def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_weights, method, clip_ratio,
-                    clip_ratio_low, clip_ratio_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_ratio_c,
-                    kl_cov_ratio, ppo_kl_coef, centering, entropy_coef, loss_agg_mode, generator, num_tokens,
-                    num_seqs):
-    """The body of token_loss, on checked inputs; valid = response_mask != 0."""
+def _ratio_terms(logp, old_logp, advantages, valid, method, clip_ratio, clip_ratio_low, clip_ratio_high):
+    """(dtype, on_valid, adv, log_ratio, pg2, clipped) of a loss call, from checked inputs."""
     eps_low = clip_ratio if clip_ratio_low is None else clip_ratio_low
     eps_high = clip_ratio if clip_ratio_high is None else clip_ratio_high
     # Trainers mix dtypes (fp32 log-probs, bf16 or fp64 advantages): compute in logp's (at least fp32).
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    logp, old_logp, advantages = logp.to(dtype), old_logp.to(dtype), advantages.to(dtype)
 
     def on_valid(x):
         # Padding may hold garbage (NaN, huge ratios): zero it before it reaches a value or a gradient.
@@ -160,21 +195,38 @@ def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_we
     ratio = log_ratio.detach().exp()
     pg2 = -adv * ratio.clamp(1 - eps_low, 1 + eps_high)  # its gradient is 0 wherever it is the loss
     clipped = (pg2 > -adv * ratio) & valid
-    scores = cov_scores(logp, advantages, valid, centering=centering,
-                        entropy=None if entropy is None else entropy.to(dtype))
+    return dtype, on_valid, adv, log_ratio, pg2, clipped
+
+
+def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_weights, method, clip_ratio,
+                    clip_ratio_low, clip_ratio_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_ratio_c,
+                    kl_cov_ratio, ppo_kl_coef, centering, entropy_coef, loss_agg_mode, generator, num_tokens,
+                    num_seqs, process_group=None, selection=None, validate=False):
+    """The body of token_loss, on checked inputs; valid = response_mask != 0."""
+    dtype, on_valid, adv, log_ratio, pg2, clipped = _ratio_terms(
+        logp, old_logp, advantages, valid, method, clip_ratio, clip_ratio_low, clip_ratio_high)
+    logp, advantages = logp.to(dtype), advantages.to(dtype)
+    entropy_d = None if entropy is None else entropy.to(dtype)
+    if selection is None:
+        scores, selected, counts = loss_selection(
+            logp, advantages, entropy_d, valid, clipped, method=method, centering=centering,
+            clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub,
+            kl_cov_ratio=kl_cov_ratio, generator=generator, process_group=process_group, validate=validate)
+        if counts is not None:
+            num_tokens = counts[2] if num_tokens is None else num_tokens
+            num_seqs = counts[3] if num_seqs is None else num_seqs
+    else:
+        scores, selected = selection.scores.to(dtype), selection.selected & valid
+        num_tokens = selection.num_tokens if num_tokens is None else num_tokens
+        num_seqs = selection.num_seqs if num_seqs is None else num_seqs
     fdtype = pg2.dtype
     if method == "kl_cov":
-        selected = kl_cov_select(scores, valid, ratio=kl_cov_ratio)
         abs_kl = log_ratio.abs()
         # A zero advantage contributes exactly 0 (and no gradient) even where e^(l - l_old) overflows.
         pg1 = -adv * torch.where(adv == 0, 0.0, log_ratio).exp()
         loss_i = pg1 + torch.where(selected, ppo_kl_coef * abs_kl, torch.zeros_like(abs_kl))
         metrics = {"ppo_kl": masked_mean(abs_kl, valid), "pg_clipfrac": masked_mean(selected.to(fdtype), valid)}
     else:
-        selected = torch.zeros_like(valid)
-        if method == "clip_cov":
-            selected = clip_cov_select(scores, valid, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub,
-                                       clipped=clipped, generator=generator)
         # max(pg1, pg2) = pg1 off the clipped tokens. Clipped, selected and zero-advantage tokens pass no
         # gradient, so their ratio is not differentiated: an overflowing e^(l - l_old) would give 0 * inf.
         frozen = clipped | selected | (adv == 0)
@@ -195,7 +247,7 @@ def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_we
     agg = {"loss_agg_mode": loss_agg_mode, "num_tokens": num_tokens, "num_seqs": num_seqs}
     loss = agg_loss(loss_i, valid, **agg)
     if entropy is not None:
-        metrics["entropy"] = agg_loss(entropy.to(dtype), valid, **agg)
+        metrics["entropy"] = agg_loss(entropy_d, valid, **agg)
         if entropy_coef != 0:
             loss = loss - entropy_coef * metrics["entropy"]
     metrics["cov_mean"] = masked_mean(scores, valid)
@@ -208,7 +260,8 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
                 clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
                 clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch", entropy_coef=0.0,
                 loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, temperature=1.0,
-                ignore_index=-100, num_tokens=None, num_seqs=None, validate=True):
+                ignore_index=-100, num_tokens=None, num_seqs=None, process_group=None, selection=None,
+                validate=True):
     """The policy loss from logits [B, T, V] with one fused forward and one fused backward.
 
     targets [B, T] int (the sampled tokens); old_logp, advantages, response_mask, rollout_is_weights:
@@ -230,13 +283,15 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
     tokens = dict(old_logp=old_logp, advantages=advantages, rollout_is_weights=rollout_is_weights)
     valid = _check_all(logits.shape[:-1], logits.device, hyper, {**tokens, "response_mask": response_mask},
                        validate, True)
+    _check_selection(selection, process_group, method, valid.shape)
     if isinstance(targets, torch.Tensor) and targets.shape == valid.shape:
         # Padding takes no part in the loss: marking it ignored means its logits are never read.
         targets = torch.where(valid, targets, ignore_index)
     logp, entropy = logprobs_and_entropy(logits, targets, temperature=temperature, ignore_index=ignore_index,
                                          validate=validate)
     return _loss_from_logp(logp, entropy, targets != ignore_index, generator=generator, num_tokens=num_tokens,
-                           num_seqs=num_seqs, **tokens, **hyper)
+                           num_seqs=num_seqs, process_group=process_group, selection=selection, validate=validate,
+                           **tokens, **hyper)
 
 
 def ppo_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):

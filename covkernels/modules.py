@@ -38,11 +38,13 @@ class PolicyLoss(nn.Module):
         return {name: schedules.resolve(self.config[name], step) for name in SCHEDULED}
 
     def forward(self, logits, targets, old_logp, advantages, response_mask, *, step=0, generator=None,
-                rollout_is_weights=None, num_tokens=None, num_seqs=None):
-        """logits [B, T, V]; the rest [B, T]. Returns (loss, metrics) as `policy_loss`."""
+                rollout_is_weights=None, num_tokens=None, num_seqs=None, process_group=None, selection=None):
+        """logits [B, T, V]; the rest [B, T]. Returns (loss, metrics) as `policy_loss` (see it for
+        process_group and selection)."""
         kwargs = {**self.config, **self.coefficients(step)}
         return policy_loss(logits, targets, old_logp, advantages, response_mask, generator=generator,
-                           rollout_is_weights=rollout_is_weights, num_tokens=num_tokens, num_seqs=num_seqs, **kwargs)
+                           rollout_is_weights=rollout_is_weights, num_tokens=num_tokens, num_seqs=num_seqs,
+                           process_group=process_group, selection=selection, **kwargs)
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

@@ -234,6 +234,22 @@ def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
     return outs
 
 
+def fused_fwd_partials(logits, targets, inv_temp, ignore_index, stats):
+    """[5, N] accumulators (mx, l, s1, q, q1) of each row, relative to its max, unfinished: for rows whose
+    other columns live elsewhere (vocabulary-parallel shards). Ignored rows are never read (mx = -inf)."""
+    x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
+    acc = acc_dtype(logits.dtype)
+    block_v, num_warps = pick_block(V, logits.element_size())
+    part = torch.empty((5, N), dtype=acc, device=logits.device)
+    if N > 0:
+        chunk = triton.cdiv(max(V, 1), block_v) * block_v  # one program covers the whole row
+        # Split mode stores the accumulators and writes none of the row outputs: `part` stands in for them.
+        _fwd_kernel[(N, 1)](x, targets.reshape(-1), part, part, part, part, part, part, part, N, V, inner,
+                            stride_outer, stride_inner, chunk, inv_temp, ignore_index, BLOCK_V=block_v,
+                            STATS=stats, SPLIT=True, ACC=_TL_DTYPE[acc], num_warps=num_warps)
+    return part
+
+
 def fused_bwd(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
               splits=None):
     """Backward launcher: writes dz (SPEC section 3) into `out` ([..., V], logits' shape and dtype).

@@ -15,7 +15,7 @@ all of that and makes the call collective-free.
 import torch
 
 from ._validation import check_choice, check_nonnegative
-from .logprobs import logprobs_and_entropy
+from .logprobs import token_stats
 from .selection import loss_selection, masked_mean, sum_over_ranks
 
 METHODS = ("ppo", "clip_cov", "kl_cov")
@@ -201,8 +201,11 @@ def _ratio_terms(logp, old_logp, advantages, valid, method, clip_ratio, clip_rat
 def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_weights, method, clip_ratio,
                     clip_ratio_low, clip_ratio_high, clip_cov_ratio, clip_cov_lb, clip_cov_ub, clip_ratio_c,
                     kl_cov_ratio, ppo_kl_coef, centering, entropy_coef, loss_agg_mode, generator, num_tokens,
-                    num_seqs, process_group=None, selection=None, validate=False):
-    """The body of token_loss, on checked inputs; valid = response_mask != 0."""
+                    num_seqs, process_group=None, selection=None, validate=False, clamped_entropy=None,
+                    aent_coef=0.0):
+    """The body of token_loss, on checked inputs; valid = response_mask != 0. clamped_entropy (AEnt's H~,
+    from policy_loss) adds the metrics clamped_entropy (its valid-token mean, what AEntController reads)
+    and aent_coef, and the term -aent_coef * agg(H~)."""
     dtype, on_valid, adv, log_ratio, pg2, clipped = _ratio_terms(
         logp, old_logp, advantages, valid, method, clip_ratio, clip_ratio_low, clip_ratio_high)
     logp, advantages = logp.to(dtype), advantages.to(dtype)
@@ -250,6 +253,12 @@ def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_we
         metrics["entropy"] = agg_loss(entropy_d, valid, **agg)
         if entropy_coef != 0:
             loss = loss - entropy_coef * metrics["entropy"]
+    if clamped_entropy is not None:
+        clamped_d = clamped_entropy.to(dtype)
+        metrics["clamped_entropy"] = masked_mean(clamped_d, valid)
+        metrics["aent_coef"] = torch.full((), float(aent_coef), dtype=dtype, device=loss.device)
+        if aent_coef != 0:
+            loss = loss - aent_coef * agg_loss(clamped_d, valid, **agg)
     metrics["cov_mean"] = masked_mean(scores, valid)
     metrics["cov_max"] = torch.where(valid.any(), torch.where(valid, scores, float("-inf")).amax(), 0.0)
     metrics["n_selected"] = selected.sum()
@@ -259,15 +268,19 @@ def _loss_from_logp(logp, entropy, valid, *, old_logp, advantages, rollout_is_we
 def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method="ppo", clip_ratio=0.2,
                 clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0,
                 clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch", entropy_coef=0.0,
-                loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, temperature=1.0,
-                ignore_index=-100, num_tokens=None, num_seqs=None, process_group=None, selection=None,
-                validate=True):
+                loss_agg_mode="token-mean", rollout_is_weights=None, generator=None, aent_coef=0.0,
+                clamp_fraction=None, temperature=1.0, ignore_index=-100, num_tokens=None, num_seqs=None,
+                process_group=None, selection=None, validate=True):
     """The policy loss from logits [B, T, V] with one fused forward and one fused backward.
 
     targets [B, T] int (the sampled tokens); old_logp, advantages, response_mask, rollout_is_weights:
     [B, T]. A token is valid where response_mask != 0 and its target is not ignore_index. Other
     arguments as `token_loss`. Returns (loss, metrics); the gradient reaches the logits through logp and
     the entropy in a single backward pass.
+
+    AEnt: with clamp_fraction=p the fused pass also gives the clamped entropy H~ (`token_stats`), and the
+    loss subtracts aent_coef * agg(H~) (its gradient in the same fused backward); metrics gain
+    `clamped_entropy` (the mean over valid tokens, for AEntController.update) and `aent_coef`.
 
     Example:
         >>> loss, metrics = policy_loss(logits, responses, old_logp, adv, mask, method="kl_cov")
@@ -284,13 +297,17 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
     valid = _check_all(logits.shape[:-1], logits.device, hyper, {**tokens, "response_mask": response_mask},
                        validate, True)
     _check_selection(selection, process_group, method, valid.shape)
+    check_nonnegative("aent_coef", aent_coef)
+    if aent_coef != 0 and clamp_fraction is None:
+        raise ValueError(f"clamp_fraction must be given when aent_coef != 0, got aent_coef={aent_coef}")
     if isinstance(targets, torch.Tensor) and targets.shape == valid.shape:
         # Padding takes no part in the loss: marking it ignored means its logits are never read.
         targets = torch.where(valid, targets, ignore_index)
-    logp, entropy = logprobs_and_entropy(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                                         validate=validate)
-    return _loss_from_logp(logp, entropy, targets != ignore_index, generator=generator, num_tokens=num_tokens,
-                           num_seqs=num_seqs, process_group=process_group, selection=selection, validate=validate,
+    stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                        clamp_fraction=clamp_fraction, validate=validate)
+    return _loss_from_logp(stats.logp, stats.entropy, targets != ignore_index, generator=generator,
+                           num_tokens=num_tokens, num_seqs=num_seqs, process_group=process_group, selection=selection,
+                           validate=validate, clamped_entropy=stats.clamped_entropy, aent_coef=aent_coef,
                            **tokens, **hyper)
 
 

@@ -205,8 +205,11 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
                 clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0,
                 clip_cov_ub=5.0, clip_ratio_c=3.0, kl_cov_ratio=2e-4, ppo_kl_coef=1.0, centering="batch",
                 entropy_coef=0.0, loss_agg_mode="token-mean", rollout_is_weights=None, generator=None,
-                temperature=1.0, ignore_index=-100, num_tokens=None, num_seqs=None, validate=True):
-    """Policy loss from logits: `token_stats` of logits [B, T, V] / temperature, then `token_loss`.
+                aent_coef=0.0, clamp_fraction=None, temperature=1.0, ignore_index=-100, num_tokens=None,
+                num_seqs=None, validate=True):
+    """Policy loss from logits: `token_stats` of logits [B, T, V] / temperature, then `token_loss`, and with
+    clamp_fraction AEnt's term -aent_coef * agg(clamped entropy) and metrics clamped_entropy (mean over
+    valid tokens) and aent_coef.
 
     targets [B, T] integer; old_logp, advantages, response_mask, rollout_is_weights [B, T]. A token is
     valid where response_mask != 0 and its target is not ignore_index. Returns (loss 0-dim, metrics);
@@ -217,18 +220,27 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
                          f"targets {tuple(targets.shape)}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-    stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index)
+    if aent_coef != 0 and clamp_fraction is None:
+        raise ValueError(f"clamp_fraction must be given when aent_coef != 0, got aent_coef={aent_coef}")
+    stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                        clamp_fraction=clamp_fraction)
     if response_mask.shape != targets.shape:
         raise ValueError(f"response_mask must have the shape of targets {tuple(targets.shape)}, "
                          f"got {tuple(response_mask.shape)}")
     mask = (response_mask != 0) & (targets != ignore_index)
-    return token_loss(stats.logp, old_logp, advantages, mask, entropy=stats.entropy, method=method,
+    loss, metrics = token_loss(stats.logp, old_logp, advantages, mask, entropy=stats.entropy, method=method,
                       clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
                       clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb, clip_cov_ub=clip_cov_ub,
                       clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=ppo_kl_coef,
                       centering=centering, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
                       rollout_is_weights=rollout_is_weights, generator=generator, num_tokens=num_tokens,
                       num_seqs=num_seqs, validate=validate)
+    if clamp_fraction is not None:
+        clamped = torch.where(mask, stats.clamped_entropy, torch.zeros_like(stats.clamped_entropy))
+        loss = loss - aent_coef * agg_loss(clamped, mask, loss_agg_mode, num_tokens=num_tokens, num_seqs=num_seqs)
+        metrics["clamped_entropy"] = (clamped.sum() / max(int(mask.sum()), 1)).detach()
+        metrics["aent_coef"] = torch.tensor(float(aent_coef), dtype=loss.dtype)
+    return loss, metrics
 
 
 def ppo_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):

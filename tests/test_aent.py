@@ -109,3 +109,48 @@ def test_controller_state_round_trip():
         ck.AEntController(coef=1.0)
     with pytest.raises(ValueError, match="finite"):
         ctl.update(float("nan"))
+
+
+@pytest.mark.parametrize("method", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_policy_loss_with_aent_matches_reference(method, agg):
+    from test_policy_loss import SELECTIVE, make_batch, run
+    batch = make_batch(dtype=torch.float64)
+    kw = dict(method=method, loss_agg_mode=agg, aent_coef=0.3, clamp_fraction=0.4, **SELECTIVE)
+    loss, metrics, grad = run(ck, *batch, dtype=torch.float64, **kw)
+    want, want_metrics, want_grad = run(ref, *batch, dtype=torch.float64, **kw)
+    assert abs(loss.item() - want.item()) < 1e-12 and (grad - want_grad).abs().max() < 1e-12
+    for k in ("clamped_entropy", "aent_coef"):
+        assert abs(metrics[k].item() - want_metrics[k].item()) < 1e-12
+    plain, _, _ = run(ck, *batch, dtype=torch.float64, **{**kw, "aent_coef": 0.0})
+    assert loss < plain  # the bonus lowers the loss by 0.3 * agg(H~) > 0
+
+
+def test_policy_loss_module_drives_the_controller():
+    from test_policy_loss import make_batch
+    batch = make_batch()
+    ctl = ck.AEntController(coef=1e-3, warmup=0)
+    loss_fn = ck.PolicyLoss("clip_cov", aent_coef=ctl)
+    for _ in range(3):
+        loss, metrics = loss_fn(*batch)
+        assert metrics["aent_coef"].item() == pytest.approx(ctl.coef)
+        ctl.update(metrics["clamped_entropy"])  # H~ ~ 3 nats is far above the band: lambda falls
+    assert ctl.coef < 1e-3 and loss_fn.config["clamp_fraction"] == ctl.clamp_fraction
+    with pytest.raises(ValueError, match="clamp_fraction"):
+        ck.policy_loss(*batch, aent_coef=0.1)
+
+
+def test_policy_loss_with_aent_compiles_and_never_syncs():
+    from test_policy_loss import make_batch
+    from test_policy_loss_contract import NoHostSync
+    batch = make_batch()
+    x = batch[0].clone().requires_grad_()
+    with NoHostSync():
+        loss, _ = ck.policy_loss(x, *batch[1:], aent_coef=0.1, clamp_fraction=0.3, validate=False)
+        loss.backward()
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x: ck.policy_loss(x, *batch[1:], aent_coef=0.1, clamp_fraction=0.3,
+                                                validate=False)[0], fullgraph=True, backend="aot_eager")
+    y = batch[0].clone().requires_grad_()
+    fn(y).backward()
+    assert torch.allclose(loss.detach(), fn(batch[0]).detach(), atol=1e-6) and torch.allclose(x.grad, y.grad, atol=1e-6)

@@ -53,7 +53,8 @@ def _threshold_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, V, inner, stride_outer, s
     end = tl.where(valid, V, 0)
     offs_v = tl.arange(0, BLOCK_V)
     bins = tl.arange(0, 512)
-    k_rem = k.to(tl.int64)
+    # Not k.to(): Triton specialises an int argument equal to 1 into a constexpr, which has no .to().
+    k_rem = tl.full([], 0, tl.int64) + k
     target = tl.full([], 0, tl.int64)  # the digits of tau found so far, as an unsigned key
     for p in tl.static_range(BITS // 8):
         shift = BITS - 8 * (p + 1)

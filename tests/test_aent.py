@@ -154,3 +154,16 @@ def test_policy_loss_with_aent_compiles_and_never_syncs():
     y = batch[0].clone().requires_grad_()
     fn(y).backward()
     assert torch.allclose(loss.detach(), fn(batch[0]).detach(), atol=1e-6) and torch.allclose(x.grad, y.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_out_of_range_target_without_validation_is_nan_in_its_row_only(impl):
+    logits = make_logits("flat", 4, 50, torch.float32)
+    targets = torch.tensor([3, 50, -7, 10])
+    x = logits.clone().requires_grad_()
+    s = ck.token_stats(x, targets, clamp_fraction=0.3, validate=False, impl=impl)
+    (s.logp.nan_to_num() + s.clamped_entropy.nan_to_num()).sum().backward()
+    assert s.logp[1].isnan() and s.logp[2].isnan() and x.grad[1:3].isnan().all()
+    want = ref.token_stats(logits.double(), torch.tensor([3, 0, 0, 10]), clamp_fraction=0.3)
+    assert (s.clamped_entropy[[0, 3]].double() - want.clamped_entropy[[0, 3]]).abs().max() < 1e-5
+    assert x.grad[[0, 3]].isfinite().all()

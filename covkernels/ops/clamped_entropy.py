@@ -134,6 +134,7 @@ def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, lo_ptr, ent_pt
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     read_end = tl.where(valid, V, 0)
+    bad = valid & ((t < 0) | (t >= V))  # an out-of-range target (validate=False): NaN gradient, as its outputs
     thr = tl.load(thr_ptr + row)
     n_tie = tl.load(ntie_ptr + row)
     lse, lse_lo, ent = tl.load(lse_ptr + row), tl.load(lo_ptr + row), tl.load(ent_ptr + row)
@@ -152,7 +153,8 @@ def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, lo_ptr, ent_pt
         p, dent = _entropy_grad(z, lse, lse_lo, ent)
         _, dcent = _entropy_grad(tl.where(kept, z, float("-inf")), lse_k, lse_k_lo, cent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent - g_cent * dcent) * inv_temp
-        tl.store(dx_ptr + dx_row_off + cols, tl.where(valid, dz, 0.0).to(dx_ptr.dtype.element_ty), mask=cols < V)
+        dz = tl.where(valid, tl.where(bad, float("nan"), dz), 0.0)
+        tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=cols < V)
 
 
 def n_removed(V, clamp_fraction):

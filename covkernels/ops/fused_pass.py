@@ -185,6 +185,8 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_
     dx_row_off = _row_offset(row, inner, dx_stride_outer, dx_stride_inner)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
+    # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too, never a wrong number.
+    bad = valid & ((t < 0) | (t >= V))
     lse = tl.load(lse_ptr + row)
     lse_lo = tl.load(lo_ptr + row)
     ent = tl.load(ent_ptr + row)
@@ -201,7 +203,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_
         z = tl.load(x_ptr + row_off + cols, mask=cols < read_end, other=0.0).to(ACC) * inv_temp
         p, dent = _entropy_grad(z, lse, lse_lo, ent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent) * inv_temp
-        dz = tl.where(valid, dz, 0.0)
+        dz = tl.where(valid, tl.where(bad, float("nan"), dz), 0.0)
         tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=mask_v)
 
 

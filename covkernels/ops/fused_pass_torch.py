@@ -78,11 +78,13 @@ def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entro
     ent = entropy.reshape(-1)
     _, _, _, inner, _, _ = row_layout(logits)
     for (sl, x), (_, dst) in zip(_row_blocks(logits), _row_blocks(out, inner)):
-        valid, _, t, _, logp_all, p = _block_stats(x, t_flat[sl], inv_temp, ignore_index, acc)
+        valid, in_range, t, _, logp_all, p = _block_stats(x, t_flat[sl], inv_temp, ignore_index, acc)
         dent = p * (torch.where(p > 0, logp_all, 0.0) + ent[sl, None])
         dz = -g_logp[sl, None] * p - g_ent[sl, None] * dent
         dz.scatter_add_(-1, t.unsqueeze(-1), g_logp[sl, None])
         if extra_grad is not None:
             dz = dz + extra_grad(sl, x)
-        dst.copy_(torch.where(valid[:, None], dz * inv_temp, 0.0))
+        # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
+        dz = torch.where(in_range[:, None], dz * inv_temp, float("nan"))
+        dst.copy_(torch.where(valid[:, None], dz, 0.0))
     return out

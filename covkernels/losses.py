@@ -12,6 +12,9 @@ gradient (DDP averages gradients over ranks: multiply the loss by the world size
 Metrics stay this rank's. A precomputed `selection` (covkernels.distributed.CovSelection) replaces
 all of that and makes the call collective-free.
 """
+import math
+import numbers
+
 import torch
 
 from ._validation import check_choice, check_nonnegative
@@ -84,6 +87,12 @@ def _check_hyper(hyper):
     if not hyper["clip_cov_lb"] < hyper["clip_cov_ub"]:
         raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got clip_cov_lb={hyper['clip_cov_lb']}, "
                          f"clip_cov_ub={hyper['clip_cov_ub']}")
+    # Python numbers, not tensors: a tensor coefficient would sync with the host at `!= 0`.
+    for name in ("entropy_coef", "ppo_kl_coef"):
+        value = hyper[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise TypeError(f"{name} must be a finite real number (a float, not a tensor), got {value!r}")
+    check_nonnegative("ppo_kl_coef", hyper["ppo_kl_coef"])
     c = hyper["clip_ratio_c"]
     if c is not None and not c > 1:
         raise ValueError(f"clip_ratio_c must be > 1 (or None to turn the dual clip off), got {c}")
@@ -93,7 +102,7 @@ def _check_tokens(shape, device, tensors, validate):
     """Per-token tensors: all [B, T] = `shape` on `device`; with validate, finite and old_logp <= 0 at
     valid tokens. Returns the valid tokens (response_mask != 0)."""
     if len(shape) != 2:
-        raise ValueError(f"per-token inputs must have shape [B, T], got {tuple(shape)}")
+        raise ValueError(f"logp (or logits.shape[:-1]) must have shape [B, T], got {tuple(shape)}")
     for name, x in tensors.items():
         if x is None:
             continue

@@ -65,7 +65,8 @@ def topn_bound(ratio, shape, world):
     """n_max: no rank can own more than this many of the n = max(1, floor(ratio N_valid)) selected tokens,
     since N_valid <= world * numel (equal shapes on every rank). A Python int, from shapes only."""
     numel = torch.Size(shape).numel()
-    return min(numel, max(1, int(ratio * world * numel)))
+    # The same product as n_select, ratio * (world * numel): (ratio * world) * numel can round one lower.
+    return min(numel, max(1, int(ratio * (world * numel))))
 
 
 def _all_gather(out, inp, group):

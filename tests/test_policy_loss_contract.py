@@ -130,3 +130,10 @@ def test_policy_loss_module_evaluates_schedules_at_step():
         ck.PolicyLoss("sac")
     with pytest.raises(ValueError, match="kl_cov_ratio"):
         ck.PolicyLoss("kl_cov", kl_cov_ratio=schedules.linear(-1.0, 0.0, steps=3))
+
+
+@pytest.mark.parametrize("name,value", [("entropy_coef", torch.tensor(0.1)), ("ppo_kl_coef", float("nan")),
+                                        ("entropy_coef", "0.1")])
+def test_coefficients_must_be_python_numbers(name, value):
+    with pytest.raises(TypeError, match=name):
+        ck.policy_loss(*make_batch(), **{name: value})

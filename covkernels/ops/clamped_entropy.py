@@ -167,7 +167,7 @@ def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction):
     lse_kept_lo, thr, n_tie): the first nine of targets' shape in acc_dtype(logits) (the *_lo are rounding
     errors of the lse's, for the backward); thr, n_tie int64 (the kept set, for the backward)."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
-    t = targets.reshape(-1)
+    t = targets.reshape(-1).contiguous()  # the kernels index targets by row: stride 1
     acc = acc_dtype(logits.dtype)
     block_v, num_warps = pick_block(V, logits.element_size())
     outs = [torch.empty(targets.shape, dtype=acc, device=logits.device) for _ in range(9)]
@@ -193,7 +193,7 @@ def clamped_bwd(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse
     block_v, num_warps = pick_block(V, logits.element_size())
     grads = [g.reshape(-1).to(acc).contiguous() for g in (grad_logp, grad_entropy, grad_clamped)]
     if N > 0:
-        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1), thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo,
+        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo,
                                   clamped_entropy,
                                   *grads, dx, V, inner, stride_outer, stride_inner, dx_stride_outer,
                                   dx_stride_inner, inv_temp, ignore_index, BLOCK_V=block_v, ACC=_TL_DTYPE[acc],

@@ -178,7 +178,7 @@ def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo
 @triton.jit
 def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr,
                 V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
-                chunk, inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+                chunk, inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr, CHECK_TARGET: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     row_off = _row_offset(row, inner, stride_outer, stride_inner)
@@ -186,6 +186,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too, never a wrong number.
+    # Off for vocabulary shards, where a target held by another shard is legitimately outside this one.
     bad = valid & ((t < 0) | (t >= V))
     lse = tl.load(lse_ptr + row)
     lse_lo = tl.load(lo_ptr + row)
@@ -203,7 +204,9 @@ def _bwd_kernel(x_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_
         z = tl.load(x_ptr + row_off + cols, mask=cols < read_end, other=0.0).to(ACC) * inv_temp
         p, dent = _entropy_grad(z, lse, lse_lo, ent)
         dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent) * inv_temp
-        dz = tl.where(valid, tl.where(bad, float("nan"), dz), 0.0)
+        if CHECK_TARGET:
+            dz = tl.where(bad, float("nan"), dz)
+        dz = tl.where(valid, dz, 0.0)
         tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=mask_v)
 
 
@@ -215,7 +218,7 @@ def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
     empty when `stats` is False. `splits` overrides the programs per row.
     """
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
-    t = targets.reshape(-1)
+    t = targets.reshape(-1).contiguous()  # the kernels index targets by row: stride 1
     acc = acc_dtype(logits.dtype)
     block_v, num_warps = pick_block(V, logits.element_size())
     n_split, chunk = num_splits(N, V, block_v, logits.device, splits)
@@ -246,18 +249,20 @@ def fused_fwd_partials(logits, targets, inv_temp, ignore_index, stats):
     if N > 0:
         chunk = triton.cdiv(max(V, 1), block_v) * block_v  # one program covers the whole row
         # Split mode stores the accumulators and writes none of the row outputs: `part` stands in for them.
-        _fwd_kernel[(N, 1)](x, targets.reshape(-1), part, part, part, part, part, part, part, N, V, inner,
+        _fwd_kernel[(N, 1)](x, targets.reshape(-1).contiguous(), part, part, part, part, part, part, part, N, V, inner,
                             stride_outer, stride_inner, chunk, inv_temp, ignore_index, BLOCK_V=block_v,
                             STATS=stats, SPLIT=True, ACC=_TL_DTYPE[acc], num_warps=num_warps)
     return part
 
 
 def fused_bwd(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
-              splits=None):
+              splits=None, check_target=True):
     """Backward launcher: writes dz (SPEC section 3) into `out` ([..., V], logits' shape and dtype).
 
     `out` may be `logits` itself (in-place backward): each element is read before it is overwritten by
-    the same program. grad_logp, grad_entropy: [...] upstream gradients.
+    the same program. grad_logp, grad_entropy: [...] upstream gradients. check_target=False treats a
+    target outside [0, V) as held elsewhere (vocabulary shards) instead of as bad input (NaN gradient).
+    If `out` has a layout two strides cannot describe, the gradient goes through a copy written back.
     """
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
     dx, _, _, _, dx_stride_outer, dx_stride_inner = row_layout(out, inner)
@@ -267,9 +272,11 @@ def fused_bwd(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, in
     g_logp = grad_logp.reshape(-1).to(acc).contiguous()
     g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
     if N > 0:
-        _bwd_kernel[(N, n_split)](x, targets.reshape(-1), lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1),
+        _bwd_kernel[(N, n_split)](x, targets.reshape(-1).contiguous(), lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1),
                                   g_logp, g_ent,
                                   dx, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
                                   chunk, inv_temp, ignore_index, BLOCK_V=block_v, num_warps=num_warps,
-                                  ACC=_TL_DTYPE[acc])
+                                  ACC=_TL_DTYPE[acc], CHECK_TARGET=check_target)
+    if dx is not out:
+        out.copy_(dx)
     return out

@@ -77,7 +77,9 @@ def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entro
     g_ent = grad_entropy.reshape(-1).to(acc)
     ent = entropy.reshape(-1)
     _, _, _, inner, _, _ = row_layout(logits)
-    for (sl, x), (_, dst) in zip(_row_blocks(logits), _row_blocks(out, inner)):
+    # An `out` no two strides describe is written through a copy, then copied back.
+    dst_all = row_layout(out, inner)[0]
+    for (sl, x), (_, dst) in zip(_row_blocks(logits), _row_blocks(dst_all, inner)):
         valid, in_range, t, _, logp_all, p = _block_stats(x, t_flat[sl], inv_temp, ignore_index, acc)
         dent = p * (torch.where(p > 0, logp_all, 0.0) + ent[sl, None])
         dz = -g_logp[sl, None] * p - g_ent[sl, None] * dent
@@ -87,4 +89,6 @@ def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entro
         # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
         dz = torch.where(in_range[:, None], dz * inv_temp, float("nan"))
         dst.copy_(torch.where(valid[:, None], dz, 0.0))
+    if dst_all is not out:
+        out.copy_(dst_all)
     return out

@@ -14,9 +14,10 @@ def row_layout(x, inner=None):
     """Describes the rows of x [..., V] (last dim contiguous) as row r -> (r // inner) * stride_outer +
     (r % inner) * stride_inner, without copying when the leading dims allow it.
 
-    Returns (x, N, V, inner, stride_outer, stride_inner); x is a copy only for a layout that no two
-    strides can describe (more than two leading dims that cannot be merged). `inner` forces the split of
-    the leading dims (used to give an output the layout of its input).
+    Returns (x, N, V, inner, stride_outer, stride_inner); x is a contiguous copy when the last dim is not
+    contiguous or the layout has more than two leading dims that cannot be merged, else x itself (the
+    caller checks `is` to write a result back). `inner` forces the split of the leading dims (used to give
+    an output the layout of its input).
     """
     V = x.shape[-1]
     if x.stride(-1) != 1 and V > 1:

@@ -165,7 +165,7 @@ class VocabParallelFunction(torch.autograd.Function):
             out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             grad = fused_bwd(logits=logits, targets=local_t, lse=lse, lse_lo=lse_lo, entropy=entropy,
                              grad_logp=grad_logp, grad_entropy=grad_entropy, inv_temp=inv_temp,
-                             ignore_index=ignore_index, out=out)
+                             ignore_index=ignore_index, out=out, check_target=False)
         else:
             grad = _bwd_torch(logits, local_t, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp,
                               ignore_index)

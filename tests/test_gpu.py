@@ -51,3 +51,23 @@ def test_deterministic_and_sync_free():
         torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_clamped_entropy_compiled_kernels(dtype):
+    """The radix-select threshold (tl.histogram, 64-bit keys) compiled for real, ties included."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, V = 1024, 151936
+    logits = (torch.randn(N, V, device="cuda", generator=g) * 2).to(dtype)
+    logits[:8] = logits[:8].float().round().to(dtype)  # heavy ties at the threshold
+    targets = torch.randint(0, V, (N,), device="cuda", generator=g)
+    x = logits.clone().requires_grad_()
+    s = ck.token_stats(x, targets, clamp_fraction=0.3)
+    g_c = torch.randn(N, device="cuda", generator=g)
+    (grad,) = torch.autograd.grad((s.clamped_entropy * g_c).sum(), x)
+    rows = torch.cat([torch.arange(0, 16), torch.arange(N - 8, N)]).cuda()
+    x64 = logits[rows].double().requires_grad_()
+    want = ref.token_stats(x64, targets[rows], clamp_fraction=0.3)
+    (want_grad,) = torch.autograd.grad((want.clamped_entropy * g_c[rows]).sum(), x64)
+    assert (s.clamped_entropy[rows].double() - want.clamped_entropy).abs().max() < 5e-5
+    assert (grad[rows].double() - want_grad).abs().max() <= 2**-7 * (1 + want_grad.abs().max().item())

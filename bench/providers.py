@@ -68,6 +68,17 @@ def _covkernels(inplace):
     return load
 
 
+def _covkernels_aent():
+    import covkernels as ck
+
+    def fn(logits, targets):
+        # The AEnt path: the radix-select threshold passes, then the plain and clamped statistics in one
+        # read (and the clamped backward). Its time beside "covkernels" is the cost of the clamped entropy.
+        s = ck.token_stats(logits, targets, ignore_index=IGNORE_INDEX, clamp_fraction=0.3, validate=False)
+        return s.logp, s.entropy
+    return fn
+
+
 def _python_ref():
     import python_ref as ref
 
@@ -159,6 +170,8 @@ PROVIDERS = [
     Provider("covkernels", "ours", _covkernels(False)),
     Provider("covkernels_inplace", "ours", _covkernels(True), ops=("fwd_bwd",), mutates=True,
              note="inplace_backward=True"),
+    Provider("covkernels_aent", "ours", _covkernels_aent,
+             note="token_stats(clamp_fraction=0.3): + AEnt clamped entropy, same logp/entropy"),
     Provider("python_ref", "reference", _python_ref, note="eager, input dtype"),
     Provider("compiled_ref", "reference", _compiled_ref, note="torch.compile(python_ref)"),
     Provider("trl", "peer", _trl, note="selective_log_softmax + entropy_from_logits"),

@@ -1,6 +1,7 @@
 """covkernels: fused Triton kernels for the entropy-control hot path of LLM reinforcement learning."""
 from . import distributed, schedules, theory
 from .aent import AEntController
+from .linear import LMHead, linear_logprobs_and_entropy, linear_token_stats
 from .logprobs import TokenStats, entropy_change, logprobs_and_entropy, token_stats
 from .losses import agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
 from .modules import PolicyLoss
@@ -10,6 +11,7 @@ from .theory import EntropyLaw, entropy_regularized_policy, fit_entropy_law
 __all__ = [
     "AEntController",
     "EntropyLaw",
+    "LMHead",
     "PolicyLoss",
     "TokenStats",
     "agg_loss",
@@ -22,6 +24,8 @@ __all__ = [
     "fit_entropy_law",
     "kl_cov_loss",
     "kl_cov_select",
+    "linear_logprobs_and_entropy",
+    "linear_token_stats",
     "logprobs_and_entropy",
     "policy_loss",
     "ppo_loss",

@@ -83,3 +83,42 @@ def check_fraction(name, value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not 0 <= value < 1:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_lm_head(hidden, weight, bias, targets, temperature, ignore_index, impl, validate):
+    """Validates the inputs of the fused LM head; returns True when the Triton kernels should run."""
+    check_tensor("hidden", hidden, LOGIT_DTYPES)
+    check_tensor("weight", weight, LOGIT_DTYPES)
+    if hidden.dim() < 1 or hidden.shape[-1] == 0:
+        raise ValueError(f"hidden must be [..., D] with D > 0, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, D] with V > 0 and D = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight must have hidden's dtype {hidden.dtype}, got {weight.dtype}")
+    check_same_device("weight", weight, "hidden", hidden)
+    if bias is not None:
+        check_tensor("bias", bias, LOGIT_DTYPES)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias must have hidden's dtype {hidden.dtype}, got {bias.dtype}")
+        check_same_device("bias", bias, "hidden", hidden)
+    check_tensor("targets", targets, TARGET_DTYPES)
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    check_same_device("targets", targets, "hidden", hidden)
+    check_positive("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_choice("impl", impl, IMPLS)
+    # Triton's fp64 tl.dot is not for every GPU: fp64 (gradcheck) on CUDA takes the PyTorch path.
+    triton_ok = (hidden.is_cuda and hidden.dtype != torch.float64) or INTERPRETING
+    use_triton = triton_ok and impl != "torch"
+    if impl == "triton" and not triton_ok:
+        raise ValueError("impl='triton' needs a CUDA tensor (not fp64), or TRITON_INTERPRET=1 set before importing "
+                         "covkernels to run the kernels on the CPU")
+    if validate and not torch.compiler.is_compiling():
+        check_targets_in_range(targets, weight.shape[0], ignore_index)
+    return use_triton

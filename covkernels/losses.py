@@ -18,6 +18,7 @@ import numbers
 import torch
 
 from ._validation import check_choice, check_nonnegative
+from .linear import linear_token_stats
 from .logprobs import token_stats
 from .selection import loss_selection, masked_mean, sum_over_ranks
 
@@ -282,6 +283,10 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
                 process_group=None, selection=None, validate=True):
     """The policy loss from logits [B, T, V] with one fused forward and one fused backward.
 
+    `logits` may be a covkernels.LMHead(hidden [B, T, D], weight [V, D], bias [V] or None) instead: the
+    fused LM head (`linear_token_stats`) then gives the same loss without the [B, T, V] logits ever
+    existing, with gradients for hidden, weight and bias (not with clamp_fraction: AEnt needs the logits).
+
     targets [B, T] int (the sampled tokens); old_logp, advantages, response_mask, rollout_is_weights:
     [B, T]. A token is valid where response_mask != 0 and its target is not ignore_index. Other
     arguments as `token_loss`. Returns (loss, metrics); the gradient reaches the logits through logp and
@@ -295,16 +300,19 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
         >>> loss, metrics = policy_loss(logits, responses, old_logp, adv, mask, method="kl_cov")
         >>> loss.backward()
     """
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
-        raise ValueError(f"logits must be a [B, T, V] tensor, got {getattr(logits, 'shape', type(logits))}")
+    # An LM head (covkernels.LMHead or anything with hidden, weight and bias) in place of the logits.
+    head = logits if all(hasattr(logits, a) for a in ("hidden", "weight", "bias")) else None
+    x = logits if head is None else head.hidden
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        what = "logits must be a [B, T, V] tensor" if head is None else "LMHead.hidden must be a [B, T, D] tensor"
+        raise ValueError(f"{what}, got {getattr(x, 'shape', type(x))}")
     hyper = dict(method=method, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
                  clip_ratio_high=clip_ratio_high, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
                  clip_cov_ub=clip_cov_ub, clip_ratio_c=clip_ratio_c, kl_cov_ratio=kl_cov_ratio,
                  ppo_kl_coef=ppo_kl_coef, centering=centering, entropy_coef=entropy_coef,
                  loss_agg_mode=loss_agg_mode)
     tokens = dict(old_logp=old_logp, advantages=advantages, rollout_is_weights=rollout_is_weights)
-    valid = _check_all(logits.shape[:-1], logits.device, hyper, {**tokens, "response_mask": response_mask},
-                       validate, True)
+    valid = _check_all(x.shape[:-1], x.device, hyper, {**tokens, "response_mask": response_mask}, validate, True)
     _check_selection(selection, process_group, method, valid.shape)
     check_nonnegative("aent_coef", aent_coef)
     if aent_coef != 0 and clamp_fraction is None:
@@ -312,8 +320,14 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
     if isinstance(targets, torch.Tensor) and targets.shape == valid.shape:
         # Padding takes no part in the loss: marking it ignored means its logits are never read.
         targets = torch.where(valid, targets, ignore_index)
-    stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                        clamp_fraction=clamp_fraction, validate=validate)
+    if head is None:
+        stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                            clamp_fraction=clamp_fraction, validate=validate)
+    elif clamp_fraction is not None:
+        raise ValueError("clamp_fraction needs whole rows of logits (AEnt's threshold): pass the logits, not an LMHead")
+    else:
+        stats = linear_token_stats(head.hidden, head.weight, targets, bias=head.bias, temperature=temperature,
+                                   ignore_index=ignore_index, validate=validate)
     return _loss_from_logp(stats.logp, stats.entropy, targets != ignore_index, generator=generator,
                            num_tokens=num_tokens, num_seqs=num_seqs, process_group=process_group, selection=selection,
                            validate=validate, clamped_entropy=stats.clamped_entropy, aent_coef=aent_coef,

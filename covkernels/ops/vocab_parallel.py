@@ -62,6 +62,26 @@ def _two_sum(a, b):
     return s, (a - (s - bb)) + (b - bb)
 
 
+def _finish_rows(ref, l, s1, z_t, ok, valid, q=None, q1=None):
+    """[logp, entropy, lse, lse_lo] (+ [sum_p2, sum_p2_logp] given q, q1) of flat rows from accumulators
+    relative to ref (the row max, 0 where it is -inf) and the target logit z_t; NaN logp where `ok` is
+    False (a target no column matched); 0 everywhere on rows that are not `valid`."""
+    l = torch.where(valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
+    ln_l = l.log()
+    lse, lse_lo = _two_sum(ref, ln_l)
+    # logp <= 0 and H >= 0: clamp rounding with where(), which keeps NaN (a bad row stays visible).
+    logp = (z_t - lse) - lse_lo
+    logp = torch.where(logp > 0, 0.0, logp)
+    logp = torch.where(ok, logp, float("nan"))
+    ent = ln_l - s1 / l
+    ent = torch.where(ent < 0, 0.0, ent)
+    outs = [logp, ent, lse, lse_lo]
+    if q is not None:
+        s2 = q / (l * l)
+        outs += [s2, q1 / (l * l) - ln_l * s2]
+    return [torch.where(valid, o, 0.0) for o in outs]
+
+
 def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_index, stats, use_triton):
     """(logp, entropy, lse, sum_p2, sum_p2_logp, owner, lse_lo) of the full rows, each [...] of targets'
     shape in acc_dtype(logits) (sum_p2, sum_p2_logp empty without stats); owner: number of ranks holding
@@ -88,21 +108,9 @@ def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_ind
     l, s1, z_t, owner = packed[:4]
 
     flat_valid = valid.reshape(-1)
-    l = torch.where(flat_valid, l, 1.0)  # an ignored row accumulated nothing; keep log() finite
-    ln_l = l.log()
-    lse, lse_lo = _two_sum(ref, ln_l)
-    # logp <= 0 and H >= 0: clamp rounding with where(), which keeps NaN (a bad row stays visible).
-    logp = (z_t - lse) - lse_lo
-    logp = torch.where(logp > 0, 0.0, logp)
-    logp = torch.where(owner == 1, logp, float("nan"))  # a target no shard (or two) holds
-    ent = ln_l - s1 / l
-    ent = torch.where(ent < 0, 0.0, ent)
-    outs = [logp, ent, lse, lse_lo]
-    if stats:
-        s2 = packed[4] / (l * l)
-        outs += [s2, packed[5] / (l * l) - ln_l * s2]
+    outs = _finish_rows(ref, l, s1, z_t, owner == 1, flat_valid, *(packed[4:] if stats else ()))
     shape = targets.shape
-    outs = [torch.where(flat_valid, o, 0.0).view(shape) for o in outs]
+    outs = [o.view(shape) for o in outs]
     empty = torch.zeros(0, dtype=acc, device=logits.device)
     outs += [empty, empty] if not stats else []
     logp, ent, lse, lse_lo, s2, s3 = outs

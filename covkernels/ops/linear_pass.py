@@ -1,0 +1,325 @@
+"""Triton kernels of the fused LM head (SPEC sections 2-3 on logits = hidden @ weight.T + bias) and their
+host launchers. The [N, V] logits never exist in memory.
+
+Forward: each program owns a tile of BLOCK_N rows and one vocabulary split; it walks the split in
+[BLOCK_N, BLOCK_V] logit tiles, each a tl.dot over D kept in fp32 registers, folds every tile into the
+row accumulators of SPEC section 2 (mx, l, s1, q, q1 and the target logit) and stores them per split;
+a small kernel combines the splits. Backward, one vocabulary chunk at a time: a kernel recomputes the
+logit tiles and writes the chunk's gradient dz [N, V_chunk] in hidden's dtype (as the unfused backward
+holds dlogits), then d_weight[chunk] = dz.T @ hidden (one matrix product, one rounding) and
+d_hidden += dz @ weight[chunk] (a Triton product accumulating in fp32 across chunks). No float atomics:
+every result is deterministic.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import INTERPRETING
+from .fused_pass import _entropy_grad, _finish_row, _rescale
+from .layout import acc_dtype, new_outputs
+
+_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+# Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
+_MAX_CHUNK = 8192
+_BWD_CHUNK_ELEMS = 1 << 26
+# Vocabulary splits start on multiples of this (a multiple of every BLOCK_V below).
+_SPLIT_ALIGN = 256
+_GROUP_N = 8
+
+
+def _configs(names=("BLOCK_N", "BLOCK_V", "BLOCK_D"), **fixed):
+    """Tile configurations (rows, columns, depth of the product): one small one under the interpreter
+    (which cannot autotune), a few on a GPU."""
+    if INTERPRETING:
+        return [triton.Config(dict(zip(names, (16, 32, 16)), **fixed), num_warps=4)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 128, 8, 2)]
+    return [triton.Config(dict(zip(names, (n, v, d)), **fixed), num_warps=w, num_stages=s)
+            for n, v, d, w, s in shapes]
+
+
+@triton.jit
+def _tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
+    # Programs that run at the same time cover GROUP_N row tiles x every column group, so the hidden
+    # and weight tiles they stream come from L2 rather than once per program from HBM.
+    per_group = GROUP_N * n_cols
+    first = (pid // per_group) * GROUP_N
+    rows = tl.minimum(n_tiles - first, GROUP_N)
+    local = pid % per_group
+    return first + local % rows, local // rows
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
+    offs_d = tl.arange(0, BLOCK_D)
+    h_rows = h_ptr + offs_n[:, None] * stride_hn  # [BLOCK_N, 1]
+    w_cols = w_ptr + offs_v[None, :] * stride_wv  # [1, BLOCK_V]
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + offs_d
+        mask_d = dd < D
+        a = tl.load(h_rows + dd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(w_cols + dd[:, None], mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+        if DOT_UPCAST:
+            # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
+            a = a.to(ACC)
+            b = b.to(ACC)
+        # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(ACC)[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def _online_update_rows(z, mx, l, s1, q, q1, STATS: tl.constexpr):
+    """fused_pass._online_update for a [BLOCK_N, BLOCK_V] tile (masked entries -inf) and [BLOCK_N] sums."""
+    mx_new = tl.maximum(mx, tl.max(z, axis=1))
+    ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
+    l, s1, q, q1 = _rescale(mx, ref, l, s1, q, q1)
+    zs = z - ref[:, None]
+    e = tl.exp(zs)
+    zs = tl.where(e > 0, zs, 0.0)
+    l += tl.sum(e, axis=1)
+    s1 += tl.sum(e * zs, axis=1)
+    if STATS:
+        e2 = e * e
+        q += tl.sum(e2, axis=1)
+        q1 += tl.sum(e2 * zs, axis=1)
+    return mx_new, l, s1, q, q1
+
+
+@triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "V"])
+@triton.jit
+def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn, stride_wv, chunk, n_split,
+                       inv_temp, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       STATS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    tile_n, split = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
+    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    t = tl.load(t_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
+    valid = mask_n & (t != ignore_index)
+    col_start = split.to(tl.int64) * chunk
+    # A tile of ignored rows (padding) skips its matrix products.
+    col_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, tl.minimum(col_start + chunk, V), col_start)
+    mx = tl.full([BLOCK_N], float("-inf"), ACC)
+    l = tl.zeros([BLOCK_N], ACC)
+    s1 = tl.zeros([BLOCK_N], ACC)
+    q = tl.zeros([BLOCK_N], ACC)
+    q1 = tl.zeros([BLOCK_N], ACC)
+    z_t = tl.zeros([BLOCK_N], ACC)
+    for start in range(col_start, col_end, BLOCK_V):
+        offs_v = start + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        mx, l, s1, q, q1 = _online_update_rows(z, mx, l, s1, q, q1, STATS)
+        # Exactly one split holds a row's target: the others add 0, so the combine's sum is z_t itself.
+        z_t += tl.sum(tl.where(offs_v[None, :] == t[:, None], z, 0.0), axis=1)
+    # [6, N, n_split] per-split accumulators.
+    part = part_ptr + offs_n * n_split + split
+    plane = N * n_split
+    tl.store(part, mx, mask=mask_n)
+    tl.store(part + plane, l, mask=mask_n)
+    tl.store(part + 2 * plane, s1, mask=mask_n)
+    tl.store(part + 3 * plane, q, mask=mask_n)
+    tl.store(part + 4 * plane, q1, mask=mask_n)
+    tl.store(part + 5 * plane, z_t, mask=mask_n)
+
+
+@triton.jit
+def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, N, V, n_split,
+                           ignore_index, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_split
+    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
+    plane = N * n_split
+    mx_s = tl.load(part, mask=mask_s, other=float("-inf"))
+    mx = tl.max(mx_s, axis=0)
+    ref = tl.where(mx == float("-inf"), 0.0, mx)
+    l, s1, q, q1 = _rescale(mx_s, ref,
+                            tl.load(part + plane, mask=mask_s, other=0.0),
+                            tl.load(part + 2 * plane, mask=mask_s, other=0.0),
+                            tl.load(part + 3 * plane, mask=mask_s, other=0.0),
+                            tl.load(part + 4 * plane, mask=mask_s, other=0.0))
+    t = tl.load(t_ptr + row).to(tl.int64)
+    valid = t != ignore_index
+    # A target outside [0, V) (validate=False) matched no column: its row gives NaN, never a number.
+    z_t = tl.sum(tl.load(part + 5 * plane, mask=mask_s, other=0.0), axis=0)
+    z_t = tl.where((t >= 0) & (t < V), z_t, float("nan"))
+    _finish_row(row, t, valid, z_t, ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0),
+                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
+
+
+@triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "n_cols"])
+@triton.jit
+def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
+                      N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, inv_temp, ignore_index,
+                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """dz of SPEC section 3 on columns [col_start, col_start + n_cols) into dz [N, n_cols] (row stride
+    stride_dzn), from recomputed logit tiles."""
+    tile_n, tile_v = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
+    offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_v = tile_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = col_start + local_v
+    mask_n = offs_n < N
+    mask_v = local_v < n_cols
+    t = tl.load(t_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
+    valid = mask_n & (t != ignore_index)
+    dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
+    # A tile of ignored rows (padding) has dz = 0 and skips its matrix product.
+    if tl.max(valid.to(tl.int32), axis=0) > 0:
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
+        lse_lo = tl.load(lo_ptr + offs_n, mask=mask_n, other=0.0)
+        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
+        g_logp = tl.load(glogp_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+        g_ent = tl.load(gent_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
+        p, dent = _entropy_grad(z, lse[:, None], lse_lo[:, None], ent[:, None])
+        delta = tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
+        dz = (g_logp[:, None] * (delta - p) - g_ent[:, None] * dent) * inv_temp
+        # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
+        bad = valid & ((t < 0) | (t >= V))
+        dz = tl.where(bad[:, None], float("nan"), dz)
+        dz = tl.where(valid[:, None], dz, 0.0)
+    mask = mask_n[:, None] & mask_v[None, :]
+    tl.store(dz_ptr + offs_n[:, None] * stride_dzn + local_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_C", "BLOCK_K"), GROUP_N=_GROUP_N), key=["C", "K"])
+@triton.jit
+def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, C, K, stride_am, stride_bk,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
+                   DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """c [M, C] (ACC, contiguous) += a [M, K] @ b [K, C]: torch has no product of bf16 operands that adds
+    into an fp32 matrix (before torch 2.8, and not on every backend), and rounding d_hidden to bf16 after
+    every vocabulary chunk would multiply its error."""
+    tile_m, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C), GROUP_N)
+    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    c_tile = c_ptr + offs_m[:, None] * C + offs_c[None, :]
+    mask = mask_m[:, None] & mask_c[None, :]
+    acc = tl.load(c_tile, mask=mask, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :],
+                    other=0.0)
+        if DOT_UPCAST:
+            a = a.to(ACC)
+            b = b.to(ACC)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+    tl.store(c_tile, acc, mask=mask)
+
+
+def _dot_args(dtype):
+    acc = acc_dtype(dtype)
+    return dict(DOT_UPCAST=INTERPRETING or dtype == torch.float64, ACC=_TL_DTYPE[acc]), acc
+
+
+def _operands(hidden, weight):
+    """(hidden as [N, D], weight), each with a contiguous last dim (copied only if it is not)."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    return h, weight if weight.stride(-1) == 1 else weight.contiguous()
+
+
+def _num_splits(N, V, device, splits):
+    """(vocabulary splits, columns per split): enough programs to fill the GPU twice over, and at
+    least 16 splits so that programs running together share weight tiles (see _tile_coords)."""
+    n_align = triton.cdiv(V, _SPLIT_ALIGN)
+    if splits is None:
+        splits = min(4, n_align)
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            splits = min(64, max(16, triton.cdiv(2 * sms, triton.cdiv(N, 64))))
+    splits = max(1, min(splits, n_align))
+    chunk = triton.cdiv(n_align, splits) * _SPLIT_ALIGN
+    return triton.cdiv(V, chunk), chunk
+
+
+def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, splits=None):
+    """Forward launcher. hidden [..., D] (last dim contiguous), weight [V, D], bias [V] or None, targets
+    [...]. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo) as fused_pass.fused_fwd does.
+    Extra memory: 24 * N * splits bytes of per-split accumulators. `splits` overrides the split count."""
+    D, V = hidden.shape[-1], weight.shape[0]
+    h, weight = _operands(hidden, weight)
+    N = h.shape[0]
+    t = targets.reshape(-1).contiguous()
+    kw, acc = _dot_args(hidden.dtype)
+    outs = new_outputs(targets, acc, stats)
+    logp, ent, lse, s2, s3, lse_lo = (o.view(-1) for o in outs)
+    if not stats:
+        s2 = s3 = lse  # never written: STATS is off
+    n_split, chunk = _num_splits(N, V, hidden.device, splits)
+    part = torch.empty((6, N, n_split), dtype=acc, device=hidden.device)
+    if N > 0:
+        b = weight if bias is None else bias
+        def grid(meta):
+            return (triton.cdiv(N, meta["BLOCK_N"]) * n_split,)
+        _linear_fwd_kernel[grid](h, weight, b, t, part, N, V, D, h.stride(0), weight.stride(0), chunk, n_split,
+                                 inv_temp, ignore_index, HAS_BIAS=bias is not None, STATS=stats, **kw)
+        _linear_combine_kernel[(N,)](t, part, logp, ent, lse, s2, s3, lse_lo, N, V, n_split, ignore_index,
+                                     BLOCK_S=triton.next_power_of_2(n_split), STATS=stats, num_warps=1)
+    return outs
+
+
+def _grid2(rows, cols, row_block, col_block):
+    """Launch grid of a kernel with one program per (row tile, column tile), tiles set by the autotuner."""
+    return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
+
+
+def _bwd_chunk(N, V, chunk):
+    if chunk is None:
+        chunk = min(_MAX_CHUNK, max(_SPLIT_ALIGN, _BWD_CHUNK_ELEMS // max(N, 1) // _SPLIT_ALIGN * _SPLIT_ALIGN))
+    return max(1, min(chunk, V))
+
+
+def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index,
+               needs=(True, True, True), chunk=None):
+    """Backward launcher: (d_hidden [..., D] in hidden's dtype, d_weight [V, D], d_bias [V] or None), each
+    None where `needs` says so. chunk: vocabulary columns per chunk (default: <= 8192 and N * chunk <=
+    2^26). Extra memory: N * chunk * itemsize (the chunk's dz) + 4 * N * D (fp32 d_hidden, unless hidden
+    is fp32) + a copy of hidden when hidden.reshape(-1, D) is not a view."""
+    D, V = hidden.shape[-1], weight.shape[0]
+    h, weight = _operands(hidden, weight)
+    N = h.shape[0]
+    t = targets.reshape(-1).contiguous()
+    kw, acc = _dot_args(hidden.dtype)
+    g_logp = grad_logp.reshape(-1).to(acc).contiguous()
+    g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
+    chunk = _bwd_chunk(N, V, chunk)
+    d_h = torch.zeros((N, D), dtype=acc, device=h.device) if needs[0] else None
+    d_w = torch.empty_like(weight) if needs[1] else None
+    d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
+    dz_buf = torch.empty((N, chunk), dtype=hidden.dtype, device=h.device)
+    b = weight if bias is None else bias
+    for c0 in range(0, V, chunk):
+        nc = min(chunk, V - c0)
+        dz = dz_buf[:, :nc]
+        if N > 0:
+            _linear_dz_kernel[_grid2(N, nc, "BLOCK_N", "BLOCK_V")](h, weight, b, t, lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1),
+                                    g_logp, g_ent, dz, N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0),
+                                    inv_temp, ignore_index, HAS_BIAS=bias is not None, **kw)
+        w_c = weight[c0:c0 + nc]
+        if d_w is not None:
+            torch.mm(dz.t(), h, out=d_w[c0:c0 + nc])
+        if d_b is not None:
+            d_b[c0:c0 + nc] = dz.sum(0, dtype=acc)
+        if d_h is not None and N > 0:
+            _mm_acc_kernel[_grid2(N, D, "BLOCK_M", "BLOCK_C")](dz, w_c, d_h, N, D, nc, dz.stride(0), w_c.stride(0), **kw)
+    if d_h is not None:
+        d_h = d_h.to(hidden.dtype).view(hidden.shape)
+    return d_h, d_w, d_b

@@ -7,6 +7,7 @@ agg_loss) wherever the SPEC calls them verl-compatible.
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .logprobs import token_stats
 from .selection import clip_cov_select, cov_scores, kl_cov_select
@@ -211,10 +212,19 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
     clamp_fraction AEnt's term -aent_coef * agg(clamped entropy) and metrics clamped_entropy (mean over
     valid tokens) and aent_coef.
 
+    logits may also be an LM head: any object with attributes hidden [B, T, D], weight [V, D] and bias [V]
+    or None (an `LMHead`); then logits = F.linear(hidden, weight, bias) and everything else is the same.
     targets [B, T] integer; old_logp, advantages, response_mask, rollout_is_weights [B, T]. A token is
     valid where response_mask != 0 and its target is not ignore_index. Returns (loss 0-dim, metrics);
-    the gradient flows to logits through logp and (when entropy_coef != 0) the entropy.
+    the gradient flows to logits (or hidden, weight, bias) through logp and (when entropy_coef != 0) the
+    entropy.
     """
+    if all(hasattr(logits, name) for name in ("hidden", "weight", "bias")):
+        hidden = logits.hidden
+        if hidden.dim() != 3 or targets.shape != hidden.shape[:-1]:
+            raise ValueError(f"hidden must be [B, T, D] and targets [B, T], got hidden {tuple(hidden.shape)}, "
+                             f"targets {tuple(targets.shape)}")
+        logits = F.linear(hidden, logits.weight, logits.bias)
     if logits.dim() != 3 or targets.shape != logits.shape[:-1]:
         raise ValueError(f"logits must be [B, T, V] and targets [B, T], got logits {tuple(logits.shape)}, "
                          f"targets {tuple(targets.shape)}")

@@ -21,7 +21,7 @@ from .layout import acc_dtype, new_outputs
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
 _MAX_CHUNK = 8192
-_BWD_CHUNK_ELEMS = 1 << 26
+_BWD_CHUNK_ELEMS = 1 << 25
 # Vocabulary splits start on multiples of this (a multiple of every BLOCK_V below).
 _SPLIT_ALIGN = 256
 _GROUP_N = 8
@@ -195,21 +195,25 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glog
 
 @triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_C", "BLOCK_K"), GROUP_N=_GROUP_N), key=["C", "K"])
 @triton.jit
-def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, C, K, stride_am, stride_bk,
+def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-                   DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
-    """c [M, C] (ACC, contiguous) += a [M, K] @ b [K, C]: torch has no product of bf16 operands that adds
-    into an fp32 matrix (before torch 2.8, and not on every backend), and rounding d_hidden to bf16 after
-    every vocabulary chunk would multiply its error."""
+                   SPLIT_LO: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """c [M, C] (contiguous) += a [M, K] @ b [K, C], the sum carried across calls in fp32-like precision.
+
+    With SPLIT_LO (bf16/fp16 c) the running sum is the pair c + lo, lo [M, C] in c's dtype holding the
+    rounding error of c: about 16 (bf16) or 22 (fp16) significant bits in 2 * M * C bytes more, where an
+    fp32 accumulator would take 4 * M * C, and a plain bf16 sum would round once per vocabulary chunk."""
     tile_m, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C), GROUP_N)
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_c = offs_c < C
-    c_tile = c_ptr + offs_m[:, None] * C + offs_c[None, :]
+    offs = offs_m[:, None] * C + offs_c[None, :]
     mask = mask_m[:, None] & mask_c[None, :]
-    acc = tl.load(c_tile, mask=mask, other=0.0)
+    acc = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if SPLIT_LO:
+        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(ACC)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
@@ -221,7 +225,10 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, M, C, K, stride_am, stride_bk,
             a = a.to(ACC)
             b = b.to(ACC)
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-    tl.store(c_tile, acc, mask=mask)
+    hi = acc.to(c_ptr.dtype.element_ty)
+    tl.store(c_ptr + offs, hi, mask=mask)
+    if SPLIT_LO:
+        tl.store(lo_ptr + offs, (acc - hi.to(ACC)).to(lo_ptr.dtype.element_ty), mask=mask)
 
 
 def _dot_args(dtype):
@@ -291,8 +298,8 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
                needs=(True, True, True), chunk=None):
     """Backward launcher: (d_hidden [..., D] in hidden's dtype, d_weight [V, D], d_bias [V] or None), each
     None where `needs` says so. chunk: vocabulary columns per chunk (default: <= 8192 and N * chunk <=
-    2^26). Extra memory: N * chunk * itemsize (the chunk's dz) + 4 * N * D (fp32 d_hidden, unless hidden
-    is fp32) + a copy of hidden when hidden.reshape(-1, D) is not a view."""
+    2^25). Extra memory: N * chunk * itemsize (the chunk's dz) + N * D * itemsize (d_hidden's running
+    rounding error, bf16/fp16 only) + a copy of hidden when hidden.reshape(-1, D) is not a view."""
     D, V = hidden.shape[-1], weight.shape[0]
     h, weight = _operands(hidden, weight)
     N = h.shape[0]
@@ -301,7 +308,9 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
     g_logp = grad_logp.reshape(-1).to(acc).contiguous()
     g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
     chunk = _bwd_chunk(N, V, chunk)
-    d_h = torch.zeros((N, D), dtype=acc, device=h.device) if needs[0] else None
+    d_h = torch.zeros((N, D), dtype=hidden.dtype, device=h.device) if needs[0] else None
+    split_lo = hidden.dtype not in (torch.float32, torch.float64)
+    d_h_lo = torch.zeros_like(d_h) if needs[0] and split_lo else d_h
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
     dz_buf = torch.empty((N, chunk), dtype=hidden.dtype, device=h.device)
@@ -319,7 +328,6 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
         if d_b is not None:
             d_b[c0:c0 + nc] = dz.sum(0, dtype=acc)
         if d_h is not None and N > 0:
-            _mm_acc_kernel[_grid2(N, D, "BLOCK_M", "BLOCK_C")](dz, w_c, d_h, N, D, nc, dz.stride(0), w_c.stride(0), **kw)
-    if d_h is not None:
-        d_h = d_h.to(hidden.dtype).view(hidden.shape)
-    return d_h, d_w, d_b
+            _mm_acc_kernel[_grid2(N, D, "BLOCK_M", "BLOCK_C")](dz, w_c, d_h, d_h_lo, N, D, nc, dz.stride(0),
+                                                                w_c.stride(0), SPLIT_LO=split_lo, **kw)
+    return None if d_h is None else d_h.view(hidden.shape), d_w, d_b

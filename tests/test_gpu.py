@@ -91,11 +91,14 @@ def test_lm_head_compiled_kernels_match_reference(N, D, V, dtype):
     g_logp = torch.randn(N, device="cuda", generator=g)
     g_ent = torch.randn(N, device="cuda", generator=g)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    stats = ck.linear_token_stats(h, w, targets, temperature=0.9)
-    d_h, d_w = torch.autograd.grad((stats.logp * g_logp + stats.entropy * g_ent).sum(), (h, w))
+    for warm in (True, False):  # the first call autotunes (and allocates the autotuner's own buffers)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        stats = ck.linear_token_stats(h, w, targets, temperature=0.9)
+        d_h, d_w = torch.autograd.grad((stats.logp * g_logp + stats.entropy * g_ent).sum(), (h, w))
+        if warm:
+            del stats, d_h, d_w
     extra = torch.cuda.max_memory_allocated() - base - d_h.nbytes - d_w.nbytes
     assert extra < 0.05 * N * V * hidden.element_size() or N * V < 2**31, f"extra memory {extra / 2**20:.0f} MiB"
     rows = torch.cat([torch.arange(0, 16), torch.arange(N - 16, N)]).cuda()

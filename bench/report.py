@@ -18,6 +18,15 @@ CONVENTIONS = {
     "inputs": "logits [B, T, V] = 3 N(0, 1), T = min(N / 4, 1024); padded cases: the tail of each sequence "
               "past its length (spread evenly from T down to 0.4 T) has target ignore_index, 30% in all; "
               "temperature 1; covkernels with validate=False",
+    "linear": "LM-head rows (op linear_fwd, linear_fwd_bwd; case N x D x V): hidden [B, T, D] = N(0, 1), weight "
+              "[V, D] = N(0, 9 / D), no bias, temperature 1; padded cases: a third of the targets ignore_index. "
+              "flops = 2 N D V (forward: h @ W.T) or 6 N D V (+ dz @ W, dz.T @ h), all N rows, the same for "
+              "every provider; tflops = flops / median time; frac_matmul = torch_matmul's median time / this "
+              "provider's, the same run; peak_extra_bytes = max_memory_allocated during one call - memory "
+              "allocated before it - required_bytes (fp32 logp and entropy, and d_hidden + d_weight in the "
+              "input dtype in the backward); peak_extra_frac_logits = that / (N V e), the logits' size; "
+              "errors: logp, entropy and d_hidden at the checked rows, d_weight at the checked vocabulary "
+              "entries, against float64 (torch_matmul: its logits)",
 }
 
 _COLUMNS = ("case", "provider", "max err", "median ms", "MB moved", "GB/s", "of copy", "peak extra MB",
@@ -38,10 +47,10 @@ def _fmt(row):
             num(None if row["peak_extra_bytes"] is None else row["peak_extra_bytes"] / 1e6, ".1f"), note)
 
 
-def table(rows):
+def table(rows, columns=_COLUMNS, fmt=_fmt):
     """A fixed-width text table, one line per row, a blank line between cases."""
-    cells = [_COLUMNS] + [_fmt(r) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS) - 1)]
+    cells = [columns] + [fmt(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns) - 1)]
     lines, last = [], None
     for i, c in enumerate(cells):
         if i > 1 and c[0] != last:
@@ -51,9 +60,45 @@ def table(rows):
     return "\n".join(line.rstrip() for line in lines)
 
 
+_LINEAR_COLUMNS = ("case", "provider", "max err", "median ms", "TFLOP/s", "of torch mm", "peak extra MB",
+                   "of logits", "note")
+
+
+def _fmt_linear(row):
+    def num(x, f):
+        return "-" if x is None else format(x, f)
+
+    def pct(x):
+        return "-" if x is None else f"{100 * x:.0f}%" if abs(x) >= 0.1 else f"{100 * x:.2g}%"
+
+    status = row["status"]
+    note = row["note"] if status == "ok" else f"WRONG (not timed) {row['note']}" if status == "wrong" else status
+    return (row["case"], row["provider"], num(row["max_err"], ".1e"), num(row["median_ms"], ".3f"),
+            num(row["tflops"], ".0f" if (row["tflops"] or 0) >= 10 else ".2g"), pct(row["frac_matmul"]),
+            num(None if row["peak_extra_bytes"] is None else row["peak_extra_bytes"] / 1e6, ".1f"),
+            pct(row["peak_extra_frac_logits"]), note)
+
+
+def linear_table(rows):
+    """The LM-head rows' table: TFLOP/s, fraction of torch_matmul, peak extra memory and its fraction of
+    the logits' size instead of bytes moved."""
+    return table(rows, _LINEAR_COLUMNS, _fmt_linear)
+
+
 def banner(text):
     bar = "!" * 100
     return f"{bar}\n!! {text}\n{bar}"
+
+
+def merged(path, rows, case_names):
+    """(rows of the results file at `path` for cases not among `case_names`, its metadata or None): what
+    --merge keeps of an earlier run on this device, so that two steps of one session share one file."""
+    if not os.path.exists(path):
+        return [], None
+    with open(path) as f:
+        old = json.load(f)
+    kept = [r for r in old.get("rows", []) if r["case"] not in set(case_names)]
+    return kept, {k: old.get(k) for k in ("git_commit", "date", "mode", "argv")}
 
 
 def write(path, meta, rows):

@@ -193,7 +193,9 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glog
     tl.store(dz_ptr + offs_n[:, None] * stride_dzn + local_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_C", "BLOCK_K"), GROUP_N=_GROUP_N), key=["C", "K"])
+# The kernel adds into c: the autotuner's trial runs must not (restore_value puts c and lo back).
+@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_C", "BLOCK_K"), GROUP_N=_GROUP_N), key=["C", "K"],
+                 restore_value=["c_ptr", "lo_ptr"])
 @triton.jit
 def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,

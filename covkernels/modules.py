@@ -46,8 +46,8 @@ class PolicyLoss(nn.Module):
 
     def forward(self, logits, targets, old_logp, advantages, response_mask, *, step=0, generator=None,
                 rollout_is_weights=None, num_tokens=None, num_seqs=None, process_group=None, selection=None):
-        """logits [B, T, V]; the rest [B, T]. Returns (loss, metrics) as `policy_loss` (see it for
-        process_group and selection)."""
+        """logits [B, T, V] or an LMHead (hidden [B, T, D], weight, bias); the rest [B, T]. Returns
+        (loss, metrics) as `policy_loss` (see it for process_group and selection)."""
         kwargs = {**self.config, **self.coefficients(step)}
         return policy_loss(logits, targets, old_logp, advantages, response_mask, generator=generator,
                            rollout_is_weights=rollout_is_weights, num_tokens=num_tokens, num_seqs=num_seqs,

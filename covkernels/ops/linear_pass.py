@@ -32,7 +32,10 @@ def _configs(names=("BLOCK_N", "BLOCK_V", "BLOCK_D"), **fixed):
     (which cannot autotune), a few on a GPU."""
     if INTERPRETING:
         return [triton.Config(dict(zip(names, (16, 32, 16)), **fixed), num_warps=4)]
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 3), (128, 128, 128, 8, 2)]
+    # Checked by compiling for sm_90 (cuobjdump -res-usage): 128x64 tiles never spill registers; the
+    # larger ones spill a little in some kernels' epilogues but do more work per byte. The autotuner decides.
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4),
+              (128, 128, 64, 8, 4)]
     return [triton.Config(dict(zip(names, (n, v, d)), **fixed), num_warps=w, num_stages=s)
             for n, v, d, w, s in shapes]
 
@@ -49,27 +52,32 @@ def _tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
-                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr,
-                DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
-    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC."""
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, inv_temp, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                ACC: tl.constexpr):
+    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC.
+
+    rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
+    into the matrix and mask what it gives. Only the depth is masked inside the loop, and the pointers
+    are advanced rather than recomputed: 2-D row/column masks there make the compiler spill registers."""
     offs_d = tl.arange(0, BLOCK_D)
-    h_rows = h_ptr + offs_n[:, None] * stride_hn  # [BLOCK_N, 1]
-    w_cols = w_ptr + offs_v[None, :] * stride_wv  # [1, BLOCK_V]
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        mask_d = dd < D
-        a = tl.load(h_rows + dd[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-        b = tl.load(w_cols + dd[:, None], mask=mask_d[:, None] & mask_v[None, :], other=0.0)
+        mask_d = offs_d < D - d0
+        a = tl.load(h_ptrs, mask=mask_d[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_d[:, None], other=0.0)
         if DOT_UPCAST:
             # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
             a = a.to(ACC)
             b = b.to(ACC)
         # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+        h_ptrs += BLOCK_D
+        w_ptrs += BLOCK_D
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(ACC)[None, :]
+        acc += tl.load(b_ptr + cols).to(ACC)[None, :]
     return acc * inv_temp
 
 
@@ -114,7 +122,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
     for start in range(col_start, col_end, BLOCK_V):
         offs_v = start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv, inv_temp,
                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         mx, l, s1, q, q1 = _online_update_rows(z, mx, l, s1, q, q1, STATS)
@@ -175,7 +183,7 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glog
     dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
     # A tile of ignored rows (padding) has dz = 0 and skips its matrix product.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, mask_n, mask_v, D, stride_hn, stride_wv, inv_temp,
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv, inv_temp,
                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
         lse_lo = tl.load(lo_ptr + offs_n, mask=mask_n, other=0.0)
@@ -209,24 +217,26 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_c = offs_c < C
-    offs = offs_m[:, None] * C + offs_c[None, :]
-    mask = mask_m[:, None] & mask_c[None, :]
-    acc = tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
-    if SPLIT_LO:
-        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(ACC)
+    # As in _logit_tile: the overhang wraps into the matrix, only the depth is masked in the loop, and c
+    # is read after the loop (held across it, it would spill).
+    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_c % C)[None, :]  # [BLOCK_K, BLOCK_C]
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        a = tl.load(a_ptr + offs_m[:, None] * stride_am + kk[None, :], mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0)
-        b = tl.load(b_ptr + kk[:, None] * stride_bk + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :],
-                    other=0.0)
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if DOT_UPCAST:
             a = a.to(ACC)
             b = b.to(ACC)
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    offs = offs_m[:, None] * C + offs_c[None, :]
+    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
+    acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    if SPLIT_LO:
+        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(ACC)
     hi = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs, hi, mask=mask)
     if SPLIT_LO:

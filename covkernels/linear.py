@@ -35,6 +35,8 @@ def linear_logprobs_and_entropy(hidden, weight, targets, *, bias=None, temperatu
         hidden: [..., D] bf16, fp16, fp32 (or fp64); the last dim contiguous (other layouts are copied).
         weight: [V, D], hidden's dtype and device. bias: [V] or None, the same dtype.
         targets: [...] = hidden.shape[:-1], int32/int64; `ignore_index` rows give 0 and no gradient.
+            Their hidden states still enter the tiled matrix products (times 0 in d_weight): keep them
+            finite, as for the unfused PyTorch (NaN there makes d_weight NaN).
         temperature, validate, impl: as `logprobs_and_entropy` ("auto": Triton on CUDA and under
             TRITON_INTERPRET=1, else chunked PyTorch; fp64 on CUDA takes the PyTorch path).
 

@@ -248,11 +248,13 @@ def _dot_args(dtype):
     return dict(DOT_UPCAST=INTERPRETING or dtype == torch.float64, ACC=_TL_DTYPE[acc]), acc
 
 
-def _operands(hidden, weight):
-    """(hidden as [N, D], weight), each with a contiguous last dim (copied only if it is not)."""
+def _operands(hidden, weight, bias):
+    """(hidden as [N, D], weight, bias): the matrices with a contiguous last dim and the bias contiguous
+    (each copied only if it is not); bias None is replaced by weight (never read: HAS_BIAS is off)."""
     h = hidden.reshape(-1, hidden.shape[-1])
     h = h if h.stride(-1) == 1 else h.contiguous()
-    return h, weight if weight.stride(-1) == 1 else weight.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    return h, w, w if bias is None else bias.contiguous()
 
 
 def _num_splits(N, V, device, splits):
@@ -274,7 +276,7 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     [...]. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo) as fused_pass.fused_fwd does.
     Extra memory: 24 * N * splits bytes of per-split accumulators. `splits` overrides the split count."""
     D, V = hidden.shape[-1], weight.shape[0]
-    h, weight = _operands(hidden, weight)
+    h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
     kw, acc = _dot_args(hidden.dtype)
@@ -285,7 +287,6 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     n_split, chunk = _num_splits(N, V, hidden.device, splits)
     part = torch.empty((6, N, n_split), dtype=acc, device=hidden.device)
     if N > 0:
-        b = weight if bias is None else bias
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]) * n_split,)
         _linear_fwd_kernel[grid](h, weight, b, t, part, N, V, D, h.stride(0), weight.stride(0), chunk, n_split,
@@ -313,7 +314,7 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
     2^25). Extra memory: N * chunk * itemsize (the chunk's dz) + N * D * itemsize (d_hidden's running
     rounding error, bf16/fp16 only) + a copy of hidden when hidden.reshape(-1, D) is not a view."""
     D, V = hidden.shape[-1], weight.shape[0]
-    h, weight = _operands(hidden, weight)
+    h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
     kw, acc = _dot_args(hidden.dtype)
@@ -326,7 +327,6 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
     dz_buf = torch.empty((N, chunk), dtype=hidden.dtype, device=h.device)
-    b = weight if bias is None else bias
     for c0 in range(0, V, chunk):
         nc = min(chunk, V - c0)
         dz = dz_buf[:, :nc]

@@ -1,10 +1,12 @@
-"""The main job: `python -m bench [--quick | --full] [--providers a,b] [--ops fwd,fwd_bwd] [--out F]`.
+"""The main job: `python -m bench [--quick | --full] [--providers a,b] [--ops fwd,linear_fwd,...] [--out F]`.
 
 Measures the copy bandwidth (CUDA), then for every case checks each provider against python_ref in
-float64 and times it, printing one table. On a GPU the results go to bench/results/<device-slug>.json
-(or --out), rewritten after every case so that a run cut short keeps what it measured. Without a GPU it
-runs tiny shapes under the Triton interpreter, says loudly that the times are not speed figures, and
-writes a file only when --out is given.
+float64 and times it, printing one table for the logits path (fwd, fwd_bwd: GB/s against the copy
+bandwidth) and one for the fused LM head (linear_fwd, linear_fwd_bwd: TFLOP/s against torch's own matrix
+products). On a GPU the results go to bench/results/<device-slug>.json (or --out), rewritten after every
+row so that a run cut short keeps what it measured; --merge keeps the file's rows of the cases this run
+does not measure. Without a GPU it runs tiny shapes under the Triton interpreter, says loudly that the
+times are not speed figures, and writes a file only when --out is given.
 """
 from .env import use_interpreter_without_gpu
 
@@ -17,9 +19,11 @@ import sys
 import time
 
 from . import cases as C
-from . import env, providers, report, runner, timing
+from . import cases_linear as L
+from . import env, providers, providers_linear, report, runner, runner_linear, timing
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+_OPS = ("fwd", "fwd_bwd") + L.OPS
 
 
 def parse_args(argv):
@@ -28,14 +32,48 @@ def parse_args(argv):
     size.add_argument("--quick", action="store_true", help="one realistic shape: N=16384, V=151936 (GPU)")
     size.add_argument("--full", action="store_true", help="the grid padded and in fp32 as well (GPU)")
     size.add_argument("--tiny", action="store_true", help="the interpreter's tiny shapes (default on a CPU)")
-    p.add_argument("--ops", default="fwd,fwd_bwd", help="comma-separated subset of fwd,fwd_bwd")
+    p.add_argument("--ops", default=",".join(_OPS),
+                   help="comma-separated subset of fwd,fwd_bwd (logits) and linear_fwd,linear_fwd_bwd (LM head)")
     p.add_argument("--cases", default=None, help="only the cases whose name contains this (e.g. pad30, fp32)")
     p.add_argument("--providers", default=None,
-                   help=f"comma-separated subset of {','.join(providers.BY_NAME)}")
+                   help=f"comma-separated subset of {','.join(providers.BY_NAME)} (logits) and "
+                        f"{','.join(providers_linear.BY_NAME)} (LM head)")
     p.add_argument("--compile", action="store_true", help="run torch.compile(python_ref) on a CPU too")
     p.add_argument("--out", default=None, help="results JSON (default on a GPU: bench/results/<device>.json)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the results file's rows of the cases this run does not measure")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new case after this long")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = set(args.ops.split(",")) - set(_OPS)
+    if unknown:
+        p.error(f"unknown ops {sorted(unknown)}; known: {','.join(_OPS)}")
+    return args
+
+
+def _select(names):
+    """(logits providers, LM-head providers) by name, all when names is None; a name neither path knows is
+    an error, not a silent no-op ("python_ref" and "liger" name one provider of each path)."""
+    if names is None:
+        return list(providers.PROVIDERS), list(providers_linear.PROVIDERS)
+    unknown = [n for n in names if n not in providers.BY_NAME and n not in providers_linear.BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown providers {unknown}; known: {list(providers.BY_NAME)} (logits), "
+                         f"{list(providers_linear.BY_NAME)} (LM head)")
+    return ([p for p in providers.PROVIDERS if p.name in names],
+            [p for p in providers_linear.PROVIDERS if p.name in names])
+
+
+def _print_family(rows, family_table, conventions):
+    if not rows:
+        return
+    print()
+    print(family_table(rows))
+    print()
+    for key, text in conventions:
+        print(f"{key}: {text}.")
+    skipped = {r["provider"]: r["status"] for r in rows if r["status"].startswith("skipped")}
+    for name, why in skipped.items():
+        print(f"not run: {name}: {why.removeprefix('skipped: ')}")
 
 
 def main(argv=None):
@@ -44,9 +82,11 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     mode = "quick" if args.quick else "full" if args.full else "default"
     mode = "tiny" if args.tiny or not on_gpu else mode
-    todo = [c for c in C.cases(mode, ops=tuple(args.ops.split(",")))
+    ops = tuple(args.ops.split(","))
+    todo = [c for c in C.cases(mode, ops=tuple(o for o in ops if o in ("fwd", "fwd_bwd")))
+            + L.cases(mode, ops=tuple(o for o in ops if o in L.OPS))
             if not args.cases or args.cases in c.name]
-    chosen = providers.select(args.providers.split(",") if args.providers else None)
+    chosen, chosen_linear = _select(args.providers.split(",") if args.providers else None)
     skips = {}
     if not on_gpu and not args.compile:
         skips["compiled_ref"] = "torch.compile not run on the CPU (slow to compile; --compile to include)"
@@ -66,27 +106,41 @@ def main(argv=None):
           f"{meta['versions']['triton']}  cuda {meta['versions']['cuda']}  commit {meta['git_commit']}")
     print("copy bandwidth (device to device, read + write): "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "n/a (CUDA only)"))
-    print(f"mode {mode}: {len(todo)} cases x {len(chosen)} providers; timer {meta['timer']}", flush=True)
+    n_linear = sum(isinstance(c, L.LinearCase) for c in todo)
+    print(f"mode {mode}: {len(todo) - n_linear} logits cases x {len(chosen)} providers, {n_linear} LM-head "
+          f"cases x {len(chosen_linear)} providers; timer {meta['timer']}", flush=True)
 
+    kept = []
+    if args.merge and out:
+        kept, meta["merged_from"] = report.merged(out, [c.name for c in todo])
+    if out:  # at once: a later --merge run must never pick up rows of an earlier session
+        report.write(out, meta, kept)
     rows, t0 = [], time.monotonic()
+
+    def on_row(r):
+        rows.append(r)
+        print(f"  {time.monotonic() - t0:6.1f}s  {r['case']:<28} {r['provider']:<20} {r['status']}",
+              file=sys.stderr, flush=True)
+        if out:
+            report.write(out, meta, kept + rows)
+
     for case in todo:
         if args.max_minutes and time.monotonic() - t0 > 60 * args.max_minutes:
             print(f"time budget of {args.max_minutes} min spent: stopping before {case.name}", flush=True)
             break
-        rows += runner.run_case(case, chosen, device, copy_gbps, skips,
-                                on_row=lambda r: print(f"  {time.monotonic() - t0:6.1f}s  {r['case']:<28} "
-                                                       f"{r['provider']:<20} {r['status']}", file=sys.stderr,
-                                                       flush=True))
+        run_case, chosen_here = ((runner_linear.run_case, chosen_linear) if isinstance(case, L.LinearCase)
+                                 else (runner.run_case, chosen))
+        got = run_case(case, chosen_here, device, copy_gbps, skips, on_row=on_row)
+        seen = {id(r) for r in rows}
+        rows += [r for r in got if id(r) not in seen]  # "oom" rows of a case whose inputs did not fit
         if out:
-            report.write(out, meta, rows)
-    print()
-    print(report.table(rows))
-    print()
-    print("bytes: " + report.CONVENTIONS["bytes"] + ".")
-    print("time: " + report.CONVENTIONS["time"] + ".")
-    skipped = {r["provider"]: r["status"] for r in rows if r["status"].startswith("skipped")}
-    for name, why in skipped.items():
-        print(f"not run: {name}: {why.removeprefix('skipped: ')}")
+            report.write(out, meta, kept + rows)
+    linear = [r for r in rows if r["op"] in L.OPS]
+    _print_family([r for r in rows if r["op"] not in L.OPS], report.table,
+                  [("bytes", report.CONVENTIONS["bytes"]), ("time", report.CONVENTIONS["time"])])
+    _print_family(linear, report.linear_table, [("LM head", report.CONVENTIONS["linear"])])
+    for line in report.linear_targets(linear):
+        print(line)
     if not on_gpu and INTERPRETED:
         print(report.banner("Interpreter times: NOT speed figures. Run on a GPU for numbers."))
     if out:

@@ -1,7 +1,8 @@
 """Compare results across devices: `python -m bench.compare bench/results/*.json [--out-md F] [--out-png F]`.
 
-Per case, each provider's GB/s and its speed-up over eager python_ref on the same device, side by side
-for every device (file) given. Markdown goes to stdout (or --out-md); the chart, one panel per case with a
+Per case, each provider's GB/s and its speed-up over eager python_ref on the same device (LM-head cases:
+its TFLOP/s and its fraction of torch_matmul's throughput in the same run), side by side for every device
+(file) given. Markdown goes to stdout (or --out-md); the chart, one panel per case with a
 bar per provider and device and each device's copy bandwidth as a dashed line, to --out-png (default:
 comparison.png beside the first file). A provider or case missing from a file shows as "-", a provider
 that did not run as its status (oom, wrong, not installed).
@@ -13,8 +14,10 @@ import os
 import sys
 
 BASELINE = "python_ref"
-_ORDER = ["covkernels", "covkernels_inplace", "python_ref", "compiled_ref", "trl", "trl_fused", "verl",
-          "verl_flash", "liger"]
+LINEAR_OPS = ("linear_fwd", "linear_fwd_bwd")  # their rows: TFLOP/s and the fraction of torch_matmul
+_ORDER = ["torch_matmul", "covkernels", "covkernels_linear", "covkernels_inplace", "unfused", "unfused_inplace",
+          "python_ref", "compiled_ref", "trl", "trl_fused", "verl", "verl_flash", "verl_fused", "liger",
+          "liger_entropy", "cce"]
 
 
 def load(paths):
@@ -48,7 +51,8 @@ def _ordered(values, order):
 
 
 def cells(runs):
-    """(cases, providers, {(case, provider, label): (gbps, speedup, status)})."""
+    """(cases, providers, {(case, provider, label): (value, ratio, status, unit)}): GB/s and the speed-up
+    over python_ref, or for an LM-head row TFLOP/s and the fraction of torch_matmul."""
     all_rows = [r for _, run in runs for r in run.get("rows", [])]
     cases = list(dict.fromkeys(r["case"] for r in all_rows))
     provs = _ordered([_name(r) for r in all_rows], _ORDER)
@@ -57,21 +61,26 @@ def cells(runs):
         idx = _index(run)
         for (case, _), r in idx.items():
             base, prov = idx.get((case, BASELINE)), _name(r)
+            if r.get("op") in LINEAR_OPS:
+                out[case, prov, label] = (r.get("tflops"), r.get("frac_matmul"), r.get("status", "ok"), "TFLOP/s")
+                continue
             speedup = None
             if r.get("median_ms") and base and base.get("median_ms"):
                 speedup = base["median_ms"] / r["median_ms"]
-            out[case, prov, label] = (r.get("gbps"), speedup, r.get("status", "ok"))
+            out[case, prov, label] = (r.get("gbps"), speedup, r.get("status", "ok"), "GB/s")
     return cases, provs, out
 
 
 def _cell(value):
     if value is None:
         return "-"
-    gbps, speedup, status = value
+    number, ratio, status, unit = value
     if status != "ok":
         return "not installed" if "not installed" in status else status.split(":")[0]
-    text = "-" if gbps is None else f"{gbps:.0f}" if gbps >= 10 else f"{gbps:.2g}"
-    return f"{text} ({speedup:.3g}x)" if speedup else text
+    text = "-" if number is None else f"{number:.0f}" if number >= 10 else f"{number:.2g}"
+    if unit == "TFLOP/s":
+        return f"{text} ({100 * ratio:.0f}% of mm)" if ratio else text
+    return f"{text} ({ratio:.3g}x)" if ratio else text
 
 
 def markdown(runs):
@@ -87,7 +96,10 @@ def markdown(runs):
                      f"commit {str(run.get('git_commit'))[:10]}, {run.get('date', '?')}, "
                      f"mode {run.get('mode', '?')}{interp}")
     lines += ["", (f"Cells: GB/s (bytes counted from the algorithm / median time) and, in brackets, the "
-                   f"speed-up over eager {BASELINE} on the same device."), ""]
+                   f"speed-up over eager {BASELINE} on the same device. LM-head cases (linear_*): TFLOP/s "
+                   f"(2 N D V forward, 6 N D V forward + backward, over the median time) and, in brackets, "
+                   f"the fraction of torch_matmul's throughput (the same matrix products in torch) in the "
+                   f"same run."), ""]
     labels = [label for label, _ in runs]
     lines.append("| case | provider | " + " | ".join(labels) + " |")
     lines.append("|---|---|" + "---|" * len(labels))
@@ -101,7 +113,8 @@ def markdown(runs):
 
 
 def chart(runs, path):
-    """One panel per case: GB/s bars per provider, one colour per device, speed-ups written on the bars."""
+    """One panel per case: GB/s (LM head: TFLOP/s) bars per provider, one colour per device, speed-ups (LM
+    head: fractions of torch_matmul) written on the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,23 +128,26 @@ def chart(runs, path):
     width = 0.8 / max(1, len(labels))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, case in zip(axes.flat, cases):
+        unit = "TFLOP/s" if case.split(" ")[0] in LINEAR_OPS else "GB/s"
+        here = [p for p in provs if any((case, p, label) in table for label in labels)]
         for j, (label, run) in enumerate(runs):
             color = colors[j % len(colors)]
-            for i, prov in enumerate(provs):
-                gbps, speedup, status = table.get((case, prov, label), (None, None, "-"))
-                if gbps is None or status != "ok":
+            for i, prov in enumerate(here):
+                number, ratio, status, _ = table.get((case, prov, label), (None, None, "-", unit))
+                if number is None or status != "ok":
                     continue
                 x = i + (j - (len(labels) - 1) / 2) * width
-                ax.bar(x, gbps, width, color=color, label=label if i == 0 else None)
-                if speedup:
-                    ax.text(x, gbps, f"{speedup:.1f}x", ha="center", va="bottom", fontsize=7)
+                ax.bar(x, number, width, color=color, label=label if i == 0 else None)
+                if ratio:
+                    text = f"{100 * ratio:.0f}%" if unit == "TFLOP/s" else f"{ratio:.1f}x"
+                    ax.text(x, number, text, ha="center", va="bottom", fontsize=7)
             copy = run.get("device", {}).get("copy_gbps")
-            if copy:
+            if copy and unit == "GB/s":
                 ax.axhline(copy, color=color, linestyle="--", linewidth=1)
         ax.set_title(case, fontsize=10)
-        ax.set_xticks(range(len(provs)))
-        ax.set_xticklabels(provs, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("GB/s")
+        ax.set_xticks(range(len(here)))
+        ax.set_xticklabels(here, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(unit)
     for ax in list(axes.flat)[len(cases):]:
         ax.axis("off")
     handles, names = [], []
@@ -143,7 +159,8 @@ def chart(runs, path):
     if handles:
         fig.legend(handles, names, loc="upper center", ncol=min(4, len(names)), fontsize=9)
     interp = any(run.get("device", {}).get("interpreted") for _, run in runs)
-    fig.suptitle(f"GB/s per provider (dashed: copy bandwidth; text: speed-up over {BASELINE})"
+    fig.suptitle(f"GB/s per provider (dashed: copy bandwidth; text: speed-up over {BASELINE}); LM head: "
+                 f"TFLOP/s (text: % of torch_matmul)"
                  + (" -- Triton INTERPRETER times, not speed figures" if interp else ""), y=0.0,
                  va="bottom", fontsize=9)
     fig.tight_layout(rect=(0, 0.03, 1, 0.93))

@@ -81,7 +81,7 @@ def describe(copy_gbps):
                     l2_bytes=l2_bytes(), capability=f"{props.major}.{props.minor}")
     versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
                 "triton": _version("triton")}
-    for dist in ("trl", "verl", "liger-kernel", "flash-attn"):
+    for dist in ("trl", "verl", "liger-kernel", "flash-attn", "cut-cross-entropy"):
         versions[dist] = _version(dist)
     return {"device": info, "versions": versions, "git_commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

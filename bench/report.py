@@ -85,12 +85,36 @@ def linear_table(rows):
     return table(rows, _LINEAR_COLUMNS, _fmt_linear)
 
 
+def linear_targets(rows, provider="covkernels_linear"):
+    """One line per unpadded bf16 case at issue 10's target shape: the provider's fraction of torch_matmul
+    and peak extra memory against the targets (cases_linear.TARGET_*), each "met", "MISSED" or "n/a"."""
+    from .cases_linear import TARGET_FRAC_MATMUL, TARGET_PEAK_FRAC_LOGITS, TARGET_SHAPE
+
+    def verdict(value, ok):
+        return "n/a" if value is None else "met" if ok else "MISSED"
+
+    lines = []
+    for r in rows:
+        if (r["provider"], r["dtype"], r["pad"]) != (provider, "bf16", 0.0) or \
+                (r["N"], r["D"], r["V"]) != TARGET_SHAPE:
+            continue
+        frac, mem = r["frac_matmul"], r["peak_extra_frac_logits"]
+        want = TARGET_FRAC_MATMUL[r["op"]]
+        lines.append(f"target {r['case']}: {provider} at "
+                     f"{'-' if frac is None else f'{100 * frac:.0f}%'} of torch mm (>= {100 * want:.0f}%: "
+                     f"{verdict(frac, frac is not None and frac >= want)}), peak extra "
+                     f"{'-' if mem is None else f'{100 * mem:.1f}%'} of the logits (< "
+                     f"{100 * TARGET_PEAK_FRAC_LOGITS:.0f}%: "
+                     f"{verdict(mem, mem is not None and mem < TARGET_PEAK_FRAC_LOGITS)}); {r['status']}")
+    return lines
+
+
 def banner(text):
     bar = "!" * 100
     return f"{bar}\n!! {text}\n{bar}"
 
 
-def merged(path, rows, case_names):
+def merged(path, case_names):
     """(rows of the results file at `path` for cases not among `case_names`, its metadata or None): what
     --merge keeps of an earlier run on this device, so that two steps of one session share one file."""
     if not os.path.exists(path):

@@ -36,6 +36,13 @@ def check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_options(temperature, ignore_index, impl):
+    check_positive("temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    check_choice("impl", impl, IMPLS)
+
+
 def check_logits_targets(logits, targets, temperature, ignore_index, impl, validate):
     """Validates the inputs of the fused pass; returns True when the Triton kernels should run."""
     check_tensor("logits", logits, LOGIT_DTYPES)
@@ -46,10 +53,7 @@ def check_logits_targets(logits, targets, temperature, ignore_index, impl, valid
         raise ValueError(f"targets must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "logits", logits)
-    check_positive("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_choice("impl", impl, IMPLS)
+    _check_options(temperature, ignore_index, impl)
     use_triton = logits.is_cuda or (INTERPRETING and impl != "torch")
     if impl == "torch":
         use_triton = False
@@ -109,10 +113,7 @@ def check_lm_head(hidden, weight, bias, targets, temperature, ignore_index, impl
         raise ValueError(f"targets must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "hidden", hidden)
-    check_positive("temperature", temperature)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    check_choice("impl", impl, IMPLS)
+    _check_options(temperature, ignore_index, impl)
     # Triton's fp64 tl.dot is not for every GPU: fp64 (gradcheck) on CUDA takes the PyTorch path.
     triton_ok = (hidden.is_cuda and hidden.dtype != torch.float64) or INTERPRETING
     use_triton = triton_ok and impl != "torch"

@@ -151,10 +151,9 @@ def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr
 
 
 @triton.jit
-def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, part_ptr,
-                    N, V, inner, stride_outer, stride_inner, n_split, inv_temp, ignore_index,
-                    BLOCK_S: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _combine_splits(part_ptr, row, N, n_split, BLOCK_S: tl.constexpr):
+    """(ref, l, s1, q, q1) of one row from the first five planes of its [*, N, n_split] per-split
+    accumulators: every split rescaled to the row max (ref; 0 while it is -inf), then summed."""
     offs_s = tl.arange(0, BLOCK_S)
     mask_s = offs_s < n_split
     part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
@@ -167,12 +166,20 @@ def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo
                             tl.load(part + 2 * plane, mask=mask_s, other=0.0),
                             tl.load(part + 3 * plane, mask=mask_s, other=0.0),
                             tl.load(part + 4 * plane, mask=mask_s, other=0.0))
+    return ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0), tl.sum(q1, axis=0)
+
+
+@triton.jit
+def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, part_ptr,
+                    N, V, inner, stride_outer, stride_inner, n_split, inv_temp, ignore_index,
+                    BLOCK_S: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ref, l, s1, q, q1 = _combine_splits(part_ptr, row, N, n_split, BLOCK_S)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     row_off = _row_offset(row, inner, stride_outer, stride_inner)
     z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
-    _finish_row(row, t, valid, z_t, ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0),
-                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
+    _finish_row(row, t, valid, z_t, ref, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
 
 
 @triton.jit

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .._validation import INTERPRETING
-from .fused_pass import _entropy_grad, _finish_row, _rescale
+from .fused_pass import _combine_splits, _entropy_grad, _finish_row, _rescale
 from .layout import acc_dtype, new_outputs
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -52,30 +52,41 @@ def _tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, inv_temp, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                ACC: tl.constexpr):
-    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC.
-
-    rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
-    into the matrix and mask what it gives. Only the depth is masked inside the loop, and the pointers
-    are advanced rather than recomputed: 2-D row/column masks there make the compiler spill registers."""
-    offs_d = tl.arange(0, BLOCK_D)
-    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
-    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        mask_d = offs_d < D - d0
-        a = tl.load(h_ptrs, mask=mask_d[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=mask_d[:, None], other=0.0)
+def _dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+              DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+    """sum over k of a[:, k] b[k, :] in ACC: a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_C] point at
+    the first depth block (a contiguous along k; b's k stride is b_step), and must address valid memory
+    in the other dims: only the depth is masked here, as 2-D masks in this loop make the compiler spill
+    registers, and the pointers are advanced rather than recomputed for the same reason."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if DOT_UPCAST:
             # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
             a = a.to(ACC)
             b = b.to(ACC)
         # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-        h_ptrs += BLOCK_D
-        w_ptrs += BLOCK_D
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * b_step
+    return acc
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, inv_temp, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr,
+                ACC: tl.constexpr):
+    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC.
+
+    rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
+    into the matrix and mask what it gives (see _dot_loop)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
+    w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
+    acc = _dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST, ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC)[None, :]
     return acc * inv_temp
@@ -143,25 +154,15 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
 def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, N, V, n_split,
                            ignore_index, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < n_split
-    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
-    plane = N * n_split
-    mx_s = tl.load(part, mask=mask_s, other=float("-inf"))
-    mx = tl.max(mx_s, axis=0)
-    ref = tl.where(mx == float("-inf"), 0.0, mx)
-    l, s1, q, q1 = _rescale(mx_s, ref,
-                            tl.load(part + plane, mask=mask_s, other=0.0),
-                            tl.load(part + 2 * plane, mask=mask_s, other=0.0),
-                            tl.load(part + 3 * plane, mask=mask_s, other=0.0),
-                            tl.load(part + 4 * plane, mask=mask_s, other=0.0))
+    ref, l, s1, q, q1 = _combine_splits(part_ptr, row, N, n_split, BLOCK_S)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     # A target outside [0, V) (validate=False) matched no column: its row gives NaN, never a number.
-    z_t = tl.sum(tl.load(part + 5 * plane, mask=mask_s, other=0.0), axis=0)
+    offs_s = tl.arange(0, BLOCK_S)
+    z_t = tl.sum(tl.load(part_ptr + 5 * N * n_split + row * n_split + offs_s, mask=offs_s < n_split, other=0.0),
+                 axis=0)
     z_t = tl.where((t >= 0) & (t < V), z_t, float("nan"))
-    _finish_row(row, t, valid, z_t, ref, tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0),
-                tl.sum(q1, axis=0), logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
+    _finish_row(row, t, valid, z_t, ref, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
 
 
 @triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "n_cols"])
@@ -217,21 +218,11 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
     offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_k = tl.arange(0, BLOCK_K)
-    # As in _logit_tile: the overhang wraps into the matrix, only the depth is masked in the loop, and c
-    # is read after the loop (held across it, it would spill).
+    # The overhang wraps into the matrix (see _dot_loop); c is read after the loop (held across it, it
+    # would spill).
     a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_c % C)[None, :]  # [BLOCK_K, BLOCK_C]
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if DOT_UPCAST:
-            a = a.to(ACC)
-            b = b.to(ACC)
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
+    acc = _dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, DOT_UPCAST, ACC)
     offs = offs_m[:, None] * C + offs_c[None, :]
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
     acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)

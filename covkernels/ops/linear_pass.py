@@ -322,9 +322,10 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
         nc = min(chunk, V - c0)
         dz = dz_buf[:, :nc]
         if N > 0:
-            _linear_dz_kernel[_grid2(N, nc, "BLOCK_N", "BLOCK_V")](h, weight, b, t, lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1),
-                                    g_logp, g_ent, dz, N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0),
-                                    inv_temp, ignore_index, HAS_BIAS=bias is not None, **kw)
+            _linear_dz_kernel[_grid2(N, nc, "BLOCK_N", "BLOCK_V")](
+                h, weight, b, t, lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1), g_logp, g_ent, dz,
+                N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0), inv_temp, ignore_index,
+                HAS_BIAS=bias is not None, **kw)
         w_c = weight[c0:c0 + nc]
         if d_w is not None:
             torch.mm(dz.t(), h, out=d_w[c0:c0 + nc])

@@ -9,7 +9,7 @@ logits from F.linear, then python_ref in bf16) plus check.TOL relative to 1 + ma
 import torch
 import torch.nn.functional as F
 
-from .check import TOL, _stats, max_err
+from .check import _stats, score
 
 CHUNK_ELEMENTS = 2**25  # float64 logits per chunk of the d_weight reference: 256 MB
 
@@ -71,12 +71,5 @@ def compare(case, provider, outputs, ref_out, rows, cols):
     if case.op == "linear_fwd_bwd" and "logp" in provider.computes:
         got["d_hidden"] = outputs["d_hidden"].reshape(-1, D)[rows]
         got["d_weight"] = outputs["d_weight"][cols]
-    errors, ok = {}, True
-    for name, value in got.items():
-        key = name + "_logp_only" if name.startswith("d_") and "entropy" not in provider.computes else name
-        truth, plain = ref_out["truth"][key], ref_out["plain"][key]
-        err, err_plain = max_err(value, truth), max_err(plain, truth)
-        scale = 1.0 + truth.abs().max().item() if truth.numel() else 1.0
-        errors[name] = err
-        ok &= err <= 4 * err_plain + TOL[case.torch_dtype] * scale
-    return errors, ok, max(errors.values())
+    logp_only = "entropy" not in provider.computes
+    return score(case, got, ref_out, lambda name: name + "_logp_only" if name.startswith("d_") and logp_only else name)

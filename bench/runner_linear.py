@@ -14,7 +14,6 @@ import torch
 from . import cases as C
 from . import cases_linear as L
 from . import check_linear, runner, timing
-from .providers import Unavailable
 
 
 class LinearInputs:
@@ -59,21 +58,6 @@ def base_row(case, provider, copy_gbps):
             "flops": L.flops(case), "tflops": None, "frac_matmul": None, "logits_bytes": case.logits_bytes,
             "required_bytes": L.required_bytes(case, provider.computes), "peak_extra_bytes": None,
             "peak_extra_frac_logits": None, "input_sets": None}
-
-
-_LOADED = {}  # apart from runner's: "python_ref" and "liger" name a provider of each path
-
-
-def load(provider, skip=None):
-    """(fn, None), or (None, why it does not run); loaded once per process."""
-    if skip:
-        return None, skip
-    if provider.name not in _LOADED:
-        try:
-            _LOADED[provider.name] = (provider.load(), None)
-        except Unavailable as e:
-            _LOADED[provider.name] = (None, str(e))
-    return _LOADED[provider.name]
 
 
 def measure(case, provider, fn, inputs, ref_out, rows, cols, copy_gbps):
@@ -121,7 +105,7 @@ def run_case(case, providers, device, copy_gbps, skips=None, on_row=None):
     runner._free()
     out, matmul_ms = [], None
     for provider in applicable:
-        fn, reason = load(provider, skips.get(provider.name))
+        fn, reason = runner.load(provider, skips.get(provider.name))
         if fn is not None and provider.skip:  # a provider that cannot run here says so first
             reason = provider.skip(case, device)
             fn = None if reason else fn

@@ -10,6 +10,7 @@ TARGET_DTYPES = (torch.int32, torch.int64)
 IMPLS = ("auto", "triton", "torch")
 # TRITON_INTERPRET must be set before any @triton.jit function is defined, so it is read once.
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
 
 
 def check_tensor(name, x, dtypes):
@@ -36,8 +37,19 @@ def check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
+def check_temperature_range(temperature):
+    """A temperature whose reciprocal (times log2 e) is not a normal fp32 number cannot be applied in fp32:
+    ValueError naming it (1e-40 would make every output NaN, 1e39 every row uniform)."""
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    inv = 1.0 / temperature
+    if not (tiny <= inv and LOG2E * inv <= big and math.isfinite(inv)):
+        raise ValueError(f"temperature must be in [{LOG2E / big:.3g}, {1 / tiny:.3g}] (1/temperature a normal "
+                         f"fp32 number), got {temperature}")
+
+
 def _check_options(temperature, ignore_index, impl):
     check_positive("temperature", temperature)
+    check_temperature_range(temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     check_choice("impl", impl, IMPLS)

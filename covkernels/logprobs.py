@@ -75,12 +75,20 @@ def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fr
                                                             validate, impl)
         clamped = None
     else:
-        check_fraction("clamp_fraction", clamp_fraction)
-        use_triton = check_logits_targets(logits, targets, temperature, ignore_index, impl, validate)
-        logp, entropy, lse, sum_p2, sum_p2_logp, _, clamped, *_ = clamped_fwd_op(
-            logits, targets, 1.0 / float(temperature), int(ignore_index), float(clamp_fraction), use_triton)
+        logp, entropy, lse, sum_p2, sum_p2_logp, _, clamped, _ = clamped_pass(
+            logits, targets, temperature, ignore_index, clamp_fraction, True, validate, impl)
     p_target = torch.where(targets != ignore_index, logp.detach().exp(), 0.0)
     return TokenStats(logp, entropy, lse.detach(), p_target, sum_p2.detach(), sum_p2_logp.detach(), clamped)
+
+
+def clamped_pass(logits, targets, temperature, ignore_index, clamp_fraction, stats, validate, impl):
+    """The fused pass with AEnt's clamped entropy: (logp, entropy, lse, sum_p2, sum_p2_logp, lse2,
+    clamped_entropy, kept-set state), the statistics sum_p2, sum_p2_logp empty unless `stats` (the loss needs
+    only logp, entropy and the clamped entropy, and skips their three instructions per logit)."""
+    check_fraction("clamp_fraction", clamp_fraction)
+    use_triton = check_logits_targets(logits, targets, temperature, ignore_index, impl, validate)
+    return clamped_fwd_op(logits, targets, 1.0 / float(temperature), int(ignore_index), float(clamp_fraction), stats,
+                          use_triton)
 
 
 def entropy_change(stats, advantages, *, kind="pg", lr=1.0):

@@ -18,8 +18,8 @@ import numbers
 import torch
 
 from ._validation import check_choice, check_nonnegative
-from .linear import linear_token_stats
-from .logprobs import token_stats
+from .linear import linear_logprobs_and_entropy
+from .logprobs import clamped_pass, logprobs_and_entropy
 from .selection import loss_selection, masked_mean, sum_over_ranks
 
 METHODS = ("ppo", "clip_cov", "kl_cov")
@@ -320,18 +320,23 @@ def policy_loss(logits, targets, old_logp, advantages, response_mask, *, method=
     if isinstance(targets, torch.Tensor) and targets.shape == valid.shape:
         # Padding takes no part in the loss: marking it ignored means its logits are never read.
         targets = torch.where(valid, targets, ignore_index)
-    if head is None:
-        stats = token_stats(logits, targets, temperature=temperature, ignore_index=ignore_index,
-                            clamp_fraction=clamp_fraction, validate=validate)
+    # The loss needs logp, entropy (and H~): the passes without sum p^2 and sum p^2 log p.
+    clamped = None
+    if head is None and clamp_fraction is None:
+        logp, entropy = logprobs_and_entropy(logits, targets, temperature=temperature, ignore_index=ignore_index,
+                                             validate=validate)
+    elif head is None:
+        logp, entropy, *_, clamped, _ = clamped_pass(logits, targets, temperature, ignore_index, clamp_fraction,
+                                                     False, validate, "auto")
     elif clamp_fraction is not None:
         raise ValueError("clamp_fraction needs whole rows of logits (AEnt's threshold): pass the logits, not an LMHead")
     else:
-        stats = linear_token_stats(head.hidden, head.weight, targets, bias=head.bias, temperature=temperature,
-                                   ignore_index=ignore_index, validate=validate)
-    return _loss_from_logp(stats.logp, stats.entropy, targets != ignore_index, generator=generator,
-                           num_tokens=num_tokens, num_seqs=num_seqs, process_group=process_group, selection=selection,
-                           validate=validate, clamped_entropy=stats.clamped_entropy, aent_coef=aent_coef,
-                           **tokens, **hyper)
+        logp, entropy = linear_logprobs_and_entropy(head.hidden, head.weight, targets, bias=head.bias,
+                                                    temperature=temperature, ignore_index=ignore_index,
+                                                    validate=validate)
+    return _loss_from_logp(logp, entropy, targets != ignore_index, generator=generator, num_tokens=num_tokens,
+                           num_seqs=num_seqs, process_group=process_group, selection=selection, validate=validate,
+                           clamped_entropy=clamped, aent_coef=aent_coef, **tokens, **hyper)
 
 
 def ppo_loss(logits, targets, old_logp, advantages, response_mask, **kwargs):

@@ -44,7 +44,7 @@ def test_triton_backward_holds_one_vocabulary_chunk(case):
     hidden, weight, bias, targets, g_logp, g_ent = case
     out = linear_fwd_torch(hidden, weight, bias, targets, 1.0, -100, False)  # the same saved rows, faster
     with AllocationLog() as log:
-        linear_bwd(hidden, weight, bias, targets, out[2], out[5], out[1], g_logp, g_ent, 1.0, -100,
+        linear_bwd(hidden, weight, bias, targets, out[5], out[1], g_logp, g_ent, 1.0, -100,
                    chunk=CHUNK)
     itemsize = hidden.element_size()
     assert max(log.sizes) <= _backward_bound(N * CHUNK * itemsize, itemsize), log.sizes
@@ -56,7 +56,7 @@ def test_torch_path_works_in_bounded_blocks(case, monkeypatch):
     monkeypatch.setattr(linear_pass_torch, "_CHUNK_ELEMS", N * CHUNK)
     with AllocationLog() as log:
         out = linear_fwd_torch(hidden, weight, bias, targets, 1.0, -100, True)
-        linear_bwd_torch(hidden, weight, bias, targets, out[2], out[5], out[1], g_logp, g_ent, 1.0, -100)
+        linear_bwd_torch(hidden, weight, bias, targets, out[5], out[1], g_logp, g_ent, 1.0, -100)
     itemsize = hidden.element_size()
     # Blocks of _CHUNK_ELEMS fp32 logits (or their gradient), never one [N, V] buffer.
     assert max(log.sizes) <= _backward_bound(4 * N * CHUNK, itemsize), log.sizes
@@ -93,7 +93,7 @@ def test_backward_in_vocabulary_chunks_matches_reference(chunk, path):
     targets = targets_for(hidden, 300)
     g_logp, g_ent = upstream(targets.shape)
     out = fwd(hidden, weight, bias, targets, 1 / 0.7, -100, False)
-    saved = (out[2], out[5], out[1])  # lse, lse_lo, entropy
+    saved = (out[5], out[1])  # lse2, entropy
     got = bwd(hidden, weight, bias, targets, *saved, g_logp, g_ent, 1 / 0.7, -100, chunk=chunk)
     _, want = _reference_gradients(hidden, weight, bias, targets, 0.7, g_logp, g_ent, lambda x: x.double())
     _, plain = _reference_gradients(hidden, weight, bias, targets, 0.7, g_logp, g_ent, lambda x: x.detach())
@@ -112,7 +112,7 @@ def test_backward_computes_only_what_is_needed_and_the_same(path):
     targets = targets_for(hidden, 200)
     g_logp, g_ent = upstream(targets.shape)
     out = fwd(hidden, weight, None, targets, 1.0, -100, False)
-    args = (hidden, weight, None, targets, out[2], out[5], out[1], g_logp, g_ent, 1.0, -100)
+    args = (hidden, weight, None, targets, out[5], out[1], g_logp, g_ent, 1.0, -100)
     full = bwd(*args, chunk=64)
     assert full[2] is None
     for needs in ((True, False, False), (False, True, False)):

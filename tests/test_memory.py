@@ -40,9 +40,9 @@ def case():
 def test_triton_launchers_allocate_only_row_vectors(case):
     logits, targets, g_logp, g_ent = case
     with AllocationLog() as fwd:
-        logp, ent, lse, _, _, lse_lo = fused_fwd(logits, targets, 1.0, -100, True, splits=3)
+        logp, ent, lse, _, _, lse2 = fused_fwd(logits, targets, 1.0, -100, True, splits=3)
     with AllocationLog() as bwd:
-        fused_bwd(logits, targets, lse, lse_lo, ent, g_logp, g_ent, 1.0, -100, logits)
+        fused_bwd(logits, targets, lse2, ent, g_logp, g_ent, 1.0, -100, logits)
     # Outputs and the [5, N, splits] partials: O(N) bytes, nothing near one row-block of logits.
     assert max(fwd.sizes) <= 5 * N_ROWS * 3 * 4 and sum(fwd.sizes) <= 32 * N_ROWS * 4
     assert sum(bwd.sizes) <= 2 * N_ROWS * 4
@@ -52,8 +52,8 @@ def test_torch_path_works_in_bounded_blocks(case, monkeypatch):
     logits, targets, g_logp, g_ent = case
     monkeypatch.setattr(fused_pass_torch, "_CHUNK_ELEMS", 4 * V)
     with AllocationLog() as log:
-        _, ent, lse, _, _, lse_lo = fused_fwd_torch(logits, targets, 1.0, -100, True)
-        fused_bwd_torch(logits, targets, lse, lse_lo, ent, g_logp, g_ent, 1.0, -100, logits)
+        _, ent, lse, _, _, lse2 = fused_fwd_torch(logits, targets, 1.0, -100, True)
+        fused_bwd_torch(logits, targets, lse2, ent, g_logp, g_ent, 1.0, -100, logits)
     # Never more than one fp32 block of 4 rows at a time: far below one [N, V] fp32 copy.
     assert max(log.sizes) <= 4 * V * 4
     assert max(log.sizes) * 8 < N_ROWS * V * 4

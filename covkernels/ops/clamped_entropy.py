@@ -1,160 +1,342 @@
 """Triton kernels of the clamped (AEnt) entropy, fused with the plain pass (SPEC section 6), and launchers.
 
-The kept set K of a row drops its k = floor(p V) smallest logits, equal logits by lowest index first.
-1. `_threshold_kernel`: an exact radix select over an order-preserving integer key of each logit, 8 bits
-   per pass (2 passes for bf16/fp16, 4 for fp32), each a histogram of one digit: the k-th smallest key
-   tau, and how many entries equal to tau are dropped (`n_tie`), with no sort of the row.
-2. `_fwd_clamped_kernel`: one more read accumulates the plain statistics of the row and the softmax over
-   K together: H~ = lse_K - sum_K p~ z. A bf16 row is read three times in all.
-3. `_bwd_clamped_kernel`: one read writes dz of logp, H and H~ (gradient -p~ (log p~ + H~) on K).
-The tie rank needs the entries of a row in order, so a row is never split across programs here.
+The kept set K of a row drops its k = floor(p V) smallest logits, equal logits by lowest index first. One
+program per row makes three kinds of passes over it, close together in time so that the later ones find
+the row in L2:
+1. Radix select of tau, the (k+1)-th smallest logit, over order-preserving integer keys, 8 bits a pass
+   (bf16: 2 passes, fp16: 3, fp32: 4, fp64: 8), each a histogram of one digit; the first pass also finds
+   the row max. n_tie entries equal to tau are dropped (the first n_tie in column order).
+2. Only when n_tie > 0: a scan for `cut`, the column of the first KEPT entry equal to tau. Then an entry
+   is kept iff x > tau, or x == tau at a column >= cut: in a block wholly before `cut` that is x >= tau+
+   (the next float above tau), wholly after it x >= tau, one compare per entry.
+3. One read accumulates the plain sums and those over K together, both relative to the row max's
+   reference r (the max is always kept, k < V), so H~ = (L_K - s1_K / l_K) ln 2 comes from the same e.
+The backward reads each row once: p~ = p 2^(L - L_K) on K, so the clamped term costs no second exp.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .fused_pass import _TL_DTYPE, _entropy_grad, _finish_row, _load_target_logit, _online_update, _row_offset
-from .fused_pass import _two_sum
-from .layout import acc_dtype, pick_block, row_layout
+from .layout import acc_dtype, new_outputs, read_in_pairs, row_layout, scale_args
+from .rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, TL_DTYPE, finish_row, grad_coeffs, load_halves,
+                      overflows, row_offset, scaled, softmax_grad)
 
-_INT = {torch.bfloat16: tl.int16, torch.float16: tl.int16, torch.float32: tl.int32, torch.float64: tl.int64}
-
-
-@triton.jit
-def _keys(x_raw, INT: tl.constexpr, BITS: tl.constexpr):
-    """Signed integer keys ordered as the float values x_raw (-0.0 and +0.0 equal)."""
-    b = x_raw.to(INT, bitcast=True).to(tl.int64)
-    b = tl.where(b == -(1 << (BITS - 1)), 0, b)  # -0.0 is +0.0
-    # Negative floats order backwards by their bits: flip every bit but the sign.
-    return tl.where(b < 0, b ^ ((1 << (BITS - 1)) - 1), b)
+# Programs of several warps (few rows in flight at once, so a row is still in L2 at its later passes).
+_NUM_WARPS = 8
+_BLOCK_BYTES = 16384
+_KEY = {torch.float64: (tl.uint64, 64)}
+_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4, torch.float64: 8}
 
 
 @triton.jit
-def _unsigned(key, BITS: tl.constexpr):
-    """The key as a BITS-bit unsigned number held in int64, whose bytes are the radix digits."""
-    if BITS < 64:
-        return key + (1 << (BITS - 1))
-    return key ^ (-(1 << 63))  # two's complement: the same bits as the unsigned number
+def _key(x, KEY: tl.constexpr, KEY_BITS: tl.constexpr):
+    """Unsigned keys (KEY: uint32, or uint64 for fp64) of float entries x: a < b iff key(a) < key(b);
+    -0.0 and +0.0 get the same key."""
+    bits = (x + 0.0).to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)  # + 0.0: -0.0 becomes +0.0
+    # Negative floats order backwards by their bits: flip all of them; positive ones: flip the sign bit.
+    return (bits ^ ((bits >> (KEY_BITS - 1)) | -(1 << (KEY_BITS - 1)))).to(KEY, bitcast=True)
 
 
 @triton.jit
-def _signed(u, BITS: tl.constexpr):
-    if BITS < 64:
-        return u - (1 << (BITS - 1))
-    return u ^ (-(1 << 63))
+def _float_of_key(key, ACC: tl.constexpr, KEY_BITS: tl.constexpr):
+    bits = key.to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)
+    top = -(1 << (KEY_BITS - 1))  # the sign bit
+    return tl.where(bits < 0, bits ^ top, ~bits).to(ACC, bitcast=True)
 
 
 @triton.jit
-def _threshold_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, V, inner, stride_outer, stride_inner, k, ignore_index,
-                      BLOCK_V: tl.constexpr, INT: tl.constexpr, BITS: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    row_off = _row_offset(row, inner, stride_outer, stride_inner)
-    valid = tl.load(t_ptr + row).to(tl.int64) != ignore_index
-    end = tl.where(valid, V, 0)
-    offs_v = tl.arange(0, BLOCK_V)
+def _histogram_block(x_row, start, V, prefix, shift, m, MASKED: tl.constexpr, FIRST: tl.constexpr,
+                     BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr):
+    """The histogram [512] of the next digit of the keys of one block (keys outside the prefix found so far
+    land in bins >= 256), and the running max (first pass only)."""
+    even, odd = load_halves(x_row, start, V, BLOCK_V, MASKED, PAIRS, m.dtype)
+    x = tl.reshape(tl.join(even, odd), [BLOCK_V])
+    if FIRST:
+        m = tl.maximum(m, tl.max(x, axis=0))
+    # Keys matching the prefix (its digits above `shift`) give a value < 256: the digit itself.
+    bins = tl.minimum((_key(x, KEY, KEY_BITS) ^ prefix) >> shift, 511).to(tl.int32)
+    if MASKED:
+        bins = tl.where(start + tl.arange(0, BLOCK_V) < V, bins, 511)
+    return tl.histogram(bins, 512), m
+
+
+@triton.jit
+def _select_tau(x_row, V, k, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
+                KEY_BITS: tl.constexpr, PASSES: tl.constexpr):
+    """(tau, n_tie, row max) of one row by radix select: the histogram of each digit of the keys that match
+    the digits found so far gives the next digit of tau's key."""
     bins = tl.arange(0, 512)
-    # Not k.to(): Triton specialises an int argument equal to 1 into a constexpr, which has no .to().
     k_rem = tl.full([], 0, tl.int64) + k
-    target = tl.full([], 0, tl.int64)  # the digits of tau found so far, as an unsigned key
-    for p in tl.static_range(BITS // 8):
-        shift = BITS - 8 * (p + 1)
+    prefix = tl.full([], 0, KEY)  # tau's key digits found so far
+    m = tl.full([], float("-inf"), ACC)
+    for p in tl.static_range(PASSES):
+        shift = KEY_BITS - 8 * (p + 1)
         hist = tl.zeros([512], dtype=tl.int32)
-        for start in range(0, end, BLOCK_V):
-            cols = start + offs_v
-            in_row = cols < end
-            u = _unsigned(_keys(tl.load(x_ptr + row_off + cols, mask=in_row, other=0), INT, BITS), BITS)
-            match = in_row
-            if p > 0:
-                match = match & ((u >> (shift + 8)) == (target >> (shift + 8)))
-            # Entries outside the current prefix go to bins >= 256 (no histogram mask before Triton 3.3).
-            hist += tl.histogram(tl.where(match, (u >> shift) & 255, 256 + (offs_v & 255)).to(tl.int32), 512)
+        start = 0
+        while start + BLOCK_V <= V:
+            h, m = _histogram_block(x_row, start, V, prefix, shift, m, False, p == 0, BLOCK_V, PAIRS, KEY, KEY_BITS)
+            hist += h
+            start += BLOCK_V
+        if start < V:
+            h, m = _histogram_block(x_row, start, V, prefix, shift, m, True, p == 0, BLOCK_V, PAIRS, KEY, KEY_BITS)
+            hist += h
         hist = tl.where(bins < 256, hist, 0)
-        cum = tl.cumsum(hist, axis=0)
-        digit = tl.sum((cum <= k_rem).to(tl.int64), axis=0)
+        digit = tl.sum((tl.cumsum(hist, axis=0) <= k_rem).to(tl.int32), axis=0)
         k_rem -= tl.sum(tl.where(bins < digit, hist, 0).to(tl.int64), axis=0)
-        target = target | (digit << shift)
-    tl.store(thr_ptr + row, _signed(target, BITS))
-    tl.store(ntie_ptr + row, k_rem)
+        prefix = prefix | (digit.to(KEY) << shift)
+    # Keys' bits below the passes are those of every entry (0 in the float's bits: 16-bit dtypes held in
+    # fp32); a negative float's key has them flipped to 1.
+    low: tl.constexpr = (1 << (KEY_BITS - 8 * PASSES)) - 1
+    prefix = tl.where(prefix >> (KEY_BITS - 1) == 0, prefix | low, prefix)
+    return _float_of_key(prefix, ACC, KEY_BITS), k_rem, m
 
 
 @triton.jit
-def _kept(x_raw, in_row, thr, n_tie, ties_before, INT: tl.constexpr, BITS: tl.constexpr):
-    """(kept mask, ties seen after this block): above tau, or tied with tau past the first n_tie ties."""
-    key = _keys(x_raw, INT, BITS)
-    eq = (key == thr) & in_row
-    rank = ties_before + tl.cumsum(eq.to(tl.int64), axis=0) - 1
-    kept = in_row & ((key > thr) | (eq & (rank >= n_tie)))
-    return kept, ties_before + tl.sum(eq.to(tl.int64), axis=0)
+def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    """The column of the first entry equal to tau past the first n_tie of them (0 when n_tie = 0)."""
+    offs = tl.arange(0, BLOCK_V)
+    cut = tl.full([], 0, tl.int32)
+    seen = tl.full([], 0, tl.int64)
+    start = tl.where(n_tie > 0, 0, V)
+    while start < V:
+        cols = start + offs
+        eq = (tl.load(x_row + cols, mask=cols < V, other=0.0).to(ACC) == tau) & (cols < V)
+        count = tl.sum(eq.to(tl.int64), axis=0)
+        if seen + count > n_tie:
+            rank = seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1
+            cut = tl.min(tl.where(eq & (rank == n_tie), cols, V), axis=0)
+            start = V
+        else:
+            start += BLOCK_V
+        seen += count
+    return cut
 
 
 @triton.jit
-def _fwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr,
-                        cent_ptr, lsek_ptr, lsek_lo_ptr, V, inner, stride_outer, stride_inner, inv_temp, ignore_index,
-                        BLOCK_V: tl.constexpr, ACC: tl.constexpr, INT: tl.constexpr, BITS: tl.constexpr):
+def _next_up(x, KEY_BITS: tl.constexpr):
+    """The smallest float above x (x not NaN or +inf)."""
+    bits = x.to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)
+    return tl.where(bits >= 0, bits + 1, bits - 1).to(x.dtype, bitcast=True)
+
+
+@triton.jit
+def _kept(x, cols, thr, tau, cut, PER_COLUMN: tl.constexpr):
+    """K's mask of entries x at columns `cols`: x >= thr in a block wholly before or after `cut` (thr = tau+
+    or tau), the rule itself in the block that holds it."""
+    if PER_COLUMN:
+        return (x > tau) | ((x == tau) & (cols >= cut))
+    return x >= thr
+
+
+@triton.jit
+def _add_kept(x, kept, scale, m, r, l, s1, q, q1, lk, s1k, MODE: tl.constexpr, MASKED: tl.constexpr,
+              STATS: tl.constexpr):
+    u = scaled(x, scale, m, r, MODE, MASKED)
+    e = tl.exp2(u)
+    l += e
+    s1 = tl.fma(e, u, s1)
+    # Written as selects of the updated sums so that they compile to predicated adds.
+    lk = tl.where(kept, lk + e, lk)
+    s1k = tl.where(kept, tl.fma(e, u, s1k), s1k)
+    if STATS:
+        e2 = e * e
+        q += e2
+        q1 = tl.fma(e2, u, q1)
+    return l, s1, q, q1, lk, s1k
+
+
+@triton.jit
+def _add_kept_block(x_row, start, V, scale, m, r, thr, tau, cut, l, s1, q, q1, lk, s1k, PER_COLUMN: tl.constexpr,
+                    MODE: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr):
+    """One block's entries added to the sums; PER_COLUMN blocks (the one holding `cut`, the ragged end) are
+    masked and test K column by column."""
+    HALF: tl.constexpr = l.shape[0]
+    even, odd = load_halves(x_row, start, V, 2 * HALF, PER_COLUMN, PAIRS, l.dtype)
+    cols = start + 2 * tl.arange(0, HALF)
+    k_even = _kept(even, cols, thr, tau, cut, PER_COLUMN)
+    k_odd = _kept(odd, cols + 1, thr, tau, cut, PER_COLUMN)
+    l, s1, q, q1, lk, s1k = _add_kept(even, k_even, scale, m, r, l, s1, q, q1, lk, s1k, MODE, PER_COLUMN, STATS)
+    return _add_kept(odd, k_odd, scale, m, r, l, s1, q, q1, lk, s1k, MODE, PER_COLUMN, STATS)
+
+
+@triton.jit
+def _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
+               PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """(l, s1, q, q1, l_K, s1_K) of one row relative to the fixed reference of its max m (base 2, rowmath.py)."""
+    HALF: tl.constexpr = BLOCK_V // 2
+    r = m * scale
+    acc = tl.zeros([HALF], m.dtype)
+    l, s1, q, q1, lk, s1k = acc, acc, acc, acc, acc, acc
+    tau_up = _next_up(tau, KEY_BITS)
+    # Whole blocks before the one holding `cut` keep x > tau, whole blocks after it x >= tau.
+    start = 0
+    while start + BLOCK_V <= tl.minimum(cut, V):
+        l, s1, q, q1, lk, s1k = _add_kept_block(x_row, start, V, scale, m, r, tau_up, tau, cut, l, s1, q, q1, lk, s1k,
+                                                False, MODE, STATS, PAIRS)
+        start += BLOCK_V
+    if (start < cut) & (start + BLOCK_V <= V):
+        l, s1, q, q1, lk, s1k = _add_kept_block(x_row, start, V, scale, m, r, tau, tau, cut, l, s1, q, q1, lk, s1k,
+                                                True, MODE, STATS, PAIRS)
+        start += BLOCK_V
+    while start + BLOCK_V <= V:
+        l, s1, q, q1, lk, s1k = _add_kept_block(x_row, start, V, scale, m, r, tau, tau, cut, l, s1, q, q1, lk, s1k,
+                                                False, MODE, STATS, PAIRS)
+        start += BLOCK_V
+    if start < V:
+        l, s1, q, q1, lk, s1k = _add_kept_block(x_row, start, V, scale, m, r, tau, tau, cut, l, s1, q, q1, lk, s1k,
+                                                True, MODE, STATS, PAIRS)
+    return (tl.sum(l, axis=0), tl.sum(s1, axis=0), tl.sum(q, axis=0), tl.sum(q1, axis=0), tl.sum(lk, axis=0),
+            tl.sum(s1k, axis=0))
+
+
+@triton.jit
+def _fwd_clamped_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, cent_ptr, state_ptr,
+                        N, V, inner, stride_outer, stride_inner, k, scale, inv_temp, ignore_index,
+                        BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr, ACC: tl.constexpr,
+                        KEY: tl.constexpr, KEY_BITS: tl.constexpr, PASSES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    row_off = _row_offset(row, inner, stride_outer, stride_inner)
+    x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
-    end = tl.where(valid, V, 0)
-    thr = tl.load(thr_ptr + row)
-    n_tie = tl.load(ntie_ptr + row)
-    offs_v = tl.arange(0, BLOCK_V)
-    zero = tl.full([], 0.0, ACC)
-    mx, l, s1, q, q1 = zero + float("-inf"), zero, zero, zero, zero
-    mk, lk, s1k = zero + float("-inf"), zero, zero
-    ties = tl.full([], 0, tl.int64)
-    for start in range(0, end, BLOCK_V):
-        cols = start + offs_v
-        in_row = cols < end
-        x_raw = tl.load(x_ptr + row_off + cols, mask=in_row, other=float("-inf"))
-        z = x_raw.to(ACC) * inv_temp  # [BLOCK_V]
-        kept, ties = _kept(x_raw, in_row, thr, n_tie, ties, INT, BITS)
-        mx, l, s1, q, q1 = _online_update(z, mx, l, s1, q, q1, True)
-        mk, lk, s1k, _, _ = _online_update(tl.where(kept, z, float("-inf")), mk, lk, s1k, zero, zero, False)
-    z_t = _load_target_logit(x_ptr, row_off, t, valid, V, inv_temp, ACC)
-    _finish_row(row, t, valid, z_t, mx, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, True)
-    mk = tl.where(valid, mk, 0.0)
+    n = tl.where(valid, V, 0)  # ignored rows: nothing is read
+    tau, n_tie, m = _select_tau(x_row, n, k, BLOCK_V, PAIRS, ACC, KEY, KEY_BITS, PASSES)
+    cut = _find_cut(x_row, n, tau, n_tie, BLOCK_V, ACC)
+    l, s1, q, q1, lk, s1k = _kept_sums(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_FAST, STATS, PAIRS, KEY_BITS)
+    poisoned = s1 + q1 + s1k
+    # Read again in safe mode where m * scale overflows, clamped where a -inf entry met a zero weight.
+    if overflows(m, m * scale):
+        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_SAFE, STATS, PAIRS,
+                                                 KEY_BITS)
+    elif (poisoned != poisoned) & (l == l):
+        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_CLAMP, STATS, PAIRS,
+                                                 KEY_BITS)
+    bad = valid & ((t < 0) | (t >= V))
+    x_t = tl.load(x_row + t, mask=valid & ~bad, other=0.0).to(ACC)
+    finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr,
+               lse2_ptr, N, STATS)
+    keep = valid & ~bad
     lk = tl.where(valid, lk, 1.0)
-    cent = tl.log(lk) - s1k / lk
-    lse_k, lse_k_lo = _two_sum(mk, tl.log(lk))
-    tl.store(cent_ptr + row, tl.where(valid, tl.where(cent < 0, 0.0, cent), 0.0))
-    tl.store(lsek_ptr + row, tl.where(valid, lse_k, 0.0))
-    tl.store(lsek_lo_ptr + row, tl.where(valid, lse_k_lo, 0.0))
+    big_lk = tl.log2(lk)
+    cent = (big_lk - s1k / lk) * LN2
+    poison = tl.where(bad, float("nan"), 0.0)
+    tl.store(cent_ptr + row, tl.where(keep, tl.where(cent < 0, 0.0, cent), 0.0) + poison)
+    # [3, N] what the backward needs of K: L_K, tau and cut (an int < 2^24, exact in fp32).
+    tl.store(state_ptr + row, tl.where(keep, big_lk, 0.0) + poison)
+    tl.store(state_ptr + N + row, tau)
+    tl.store(state_ptr + 2 * N + row, cut.to(ACC))
 
 
 @triton.jit
-def _bwd_clamped_kernel(x_ptr, t_ptr, thr_ptr, ntie_ptr, lse_ptr, lo_ptr, ent_ptr, lsek_ptr, lsek_lo_ptr, cent_ptr,
-                        glogp_ptr, gent_ptr,
-                        gcent_ptr, dx_ptr, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
-                        inv_temp, ignore_index, BLOCK_V: tl.constexpr, ACC: tl.constexpr, INT: tl.constexpr,
-                        BITS: tl.constexpr):
+def _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, thr, tau, cut, coef_a, coef_b, kept_a, kept_b,
+                        BLOCK_V: tl.constexpr, PER_COLUMN: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr):
+    HALF: tl.constexpr = BLOCK_V // 2
+    cols = start + tl.arange(0, BLOCK_V)
+    even, odd = load_halves(x_row, start, V, BLOCK_V, PER_COLUMN, PAIRS, m.dtype)
+    half_cols = start + 2 * tl.arange(0, HALF)
+    k_even = _kept(even, half_cols, thr, tau, cut, PER_COLUMN)
+    k_odd = _kept(odd, half_cols + 1, thr, tau, cut, PER_COLUMN)
+    # On K the coefficients (kept_a, kept_b) add the clamped entropy's term (see _bwd_clamped_kernel).
+    dz = tl.join(softmax_grad(even, scale, m, r, big_l, tl.where(k_even, kept_a, coef_a),
+                              tl.where(k_even, kept_b, coef_b), SAFE),
+                 softmax_grad(odd, scale, m, r, big_l, tl.where(k_odd, kept_a, coef_a),
+                              tl.where(k_odd, kept_b, coef_b), SAFE))
+    dz = tl.reshape(dz, [BLOCK_V]).to(dx_row.dtype.element_ty)
+    if PER_COLUMN:
+        tl.store(dx_row + cols, dz, mask=cols < V)
+    else:
+        tl.store(dx_row + cols, dz)
+
+
+@triton.jit
+def _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
+                         BLOCK_V: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """A row's gradient, block by block as in _kept_sums: x > tau before the block holding `cut`, x >= tau
+    after it, the rule column by column in that block and the ragged end."""
+    r = m * scale
+    tau_up = _next_up(tau, KEY_BITS)
+    start = 0
+    while start + BLOCK_V <= tl.minimum(cut, V):
+        _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, tau_up, tau, cut, coef_a, coef_b, kept_a,
+                            kept_b, BLOCK_V, False, SAFE, PAIRS)
+        start += BLOCK_V
+    if (start < cut) & (start + BLOCK_V <= V):
+        _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, tau, tau, cut, coef_a, coef_b, kept_a,
+                            kept_b, BLOCK_V, True, SAFE, PAIRS)
+        start += BLOCK_V
+    while start + BLOCK_V <= V:
+        _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, tau, tau, cut, coef_a, coef_b, kept_a,
+                            kept_b, BLOCK_V, False, SAFE, PAIRS)
+        start += BLOCK_V
+    if start < V:
+        _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, tau, tau, cut, coef_a, coef_b, kept_a,
+                            kept_b, BLOCK_V, True, SAFE, PAIRS)
+
+
+@triton.jit(noinline=True)
+def _store_clamped_grads_safe(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
+                              BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """_store_clamped_grads of a safe-mode row, a function of its own (rare; see rowmath.row_sums_again)."""
+    _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b, BLOCK_V, True,
+                         PAIRS, KEY_BITS)
+
+
+@triton.jit(noinline=True)
+def _kept_sums_again(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
+                     PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+    """_kept_sums for the rare second read (see rowmath.row_sums_again)."""
+    return _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V, MODE, STATS, PAIRS, KEY_BITS)
+
+
+@triton.jit
+def _bwd_clamped_kernel(x_ptr, t_ptr, lse2_ptr, ent_ptr, cent_ptr, state_ptr, glogp_ptr, gent_ptr, gcent_ptr, dx_ptr,
+                        N, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, scale, inv_temp,
+                        ignore_index, BLOCK_V: tl.constexpr, KEY_BITS: tl.constexpr, PAIRS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    row_off = _row_offset(row, inner, stride_outer, stride_inner)
-    dx_row_off = _row_offset(row, inner, dx_stride_outer, dx_stride_inner)
+    x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
+    dx_row = dx_ptr + row_offset(row, inner, dx_stride_outer, dx_stride_inner)
     t = tl.load(t_ptr + row).to(tl.int64)
-    valid = t != ignore_index
-    read_end = tl.where(valid, V, 0)
-    bad = valid & ((t < 0) | (t >= V))  # an out-of-range target (validate=False): NaN gradient, as its outputs
-    thr = tl.load(thr_ptr + row)
-    n_tie = tl.load(ntie_ptr + row)
-    lse, lse_lo, ent = tl.load(lse_ptr + row), tl.load(lo_ptr + row), tl.load(ent_ptr + row)
-    lse_k, lse_k_lo, cent = tl.load(lsek_ptr + row), tl.load(lsek_lo_ptr + row), tl.load(cent_ptr + row)
-    g_logp = tl.load(glogp_ptr + row).to(ACC)
-    g_ent = tl.load(gent_ptr + row).to(ACC)
-    g_cent = tl.load(gcent_ptr + row).to(ACC)
-    offs_v = tl.arange(0, BLOCK_V)
-    ties = tl.full([], 0, tl.int64)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs_v
-        in_row = cols < read_end
-        x_raw = tl.load(x_ptr + row_off + cols, mask=in_row, other=0.0)
-        z = x_raw.to(ACC) * inv_temp
-        kept, ties = _kept(x_raw, in_row, thr, n_tie, ties, INT, BITS)
-        p, dent = _entropy_grad(z, lse, lse_lo, ent)
-        _, dcent = _entropy_grad(tl.where(kept, z, float("-inf")), lse_k, lse_k_lo, cent)
-        dz = (g_logp * (tl.where(cols == t, 1.0, 0.0) - p) - g_ent * dent - g_cent * dcent) * inv_temp
-        dz = tl.where(valid, tl.where(bad, float("nan"), dz), 0.0)
-        tl.store(dx_ptr + dx_row_off + cols, dz.to(dx_ptr.dtype.element_ty), mask=cols < V)
+    if t != ignore_index:
+        m = tl.load(lse2_ptr + row)
+        big_l = tl.load(lse2_ptr + N + row)
+        big_lk = tl.load(state_ptr + row)
+        tau = tl.load(state_ptr + N + row)
+        cut = tl.load(state_ptr + 2 * N + row).to(tl.int32)
+        g_logp = tl.load(glogp_ptr + row)
+        coef_a, coef_b = grad_coeffs(g_logp, tl.load(gent_ptr + row), tl.load(ent_ptr + row), inv_temp)
+        # On K, p~ = p 2^(L - L_K) and log2 p~ = log2 p + (L - L_K): the clamped term in the same (a, b) form.
+        k_a, k_b = grad_coeffs(0.0, tl.load(gcent_ptr + row), tl.load(cent_ptr + row), inv_temp)
+        shift = big_l - big_lk
+        ratio = tl.exp2(shift)
+        kept_a = coef_a + ratio * tl.fma(k_b, shift, k_a)
+        kept_b = coef_b + ratio * k_b
+        # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
+        bad = (t < 0) | (t >= V)
+        coef_a = tl.where(bad, float("nan"), coef_a)
+        kept_a = tl.where(bad, float("nan"), kept_a)
+        x_t = tl.load(x_row + t, mask=~bad, other=0.0).to(m.dtype)
+        safe = overflows(m, m * scale)
+        if safe:
+            _store_clamped_grads_safe(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
+                                      BLOCK_V, PAIRS, KEY_BITS)
+        else:
+            _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
+                                 BLOCK_V, False, PAIRS, KEY_BITS)
+        if not bad:
+            tl.debug_barrier()  # the loop's store of the target's column lands first
+            kept_t = (x_t > tau) | ((x_t == tau) & (t >= cut))
+            a_t = tl.where(kept_t, kept_a, coef_a)
+            b_t = tl.where(kept_t, kept_b, coef_b)
+            r = m * scale
+            p_t = tl.where(safe, softmax_grad(x_t, scale, m, r, big_l, a_t, b_t, True),
+                           softmax_grad(x_t, scale, m, r, big_l, a_t, b_t, False))
+            tl.store(dx_row + t, (p_t + g_logp * inv_temp).to(dx_ptr.dtype.element_ty))
+    else:
+        offs = tl.arange(0, BLOCK_V)
+        zeros = tl.zeros([BLOCK_V], dx_ptr.dtype.element_ty)
+        start = 0
+        while start < V:
+            tl.store(dx_row + start + offs, zeros, mask=start + offs < V)
+            start += BLOCK_V
 
 
 def n_removed(V, clamp_fraction):
@@ -162,40 +344,48 @@ def n_removed(V, clamp_fraction):
     return int(clamp_fraction * V)
 
 
-def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction):
-    """Forward launcher. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo, clamped_entropy, lse_kept,
-    lse_kept_lo, thr, n_tie): the first nine of targets' shape in acc_dtype(logits) (the *_lo are rounding
-    errors of the lse's, for the backward); thr, n_tie int64 (the kept set, for the backward)."""
-    x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
-    t = targets.reshape(-1).contiguous()  # the kernels index targets by row: stride 1
+def _kernel_args(logits, x, V, stride_outer, stride_inner):
+    """(acc dtype, the keyword arguments both kernels take, those only the forward takes)."""
     acc = acc_dtype(logits.dtype)
-    block_v, num_warps = pick_block(V, logits.element_size())
-    outs = [torch.empty(targets.shape, dtype=acc, device=logits.device) for _ in range(9)]
-    thr, n_tie = (torch.empty(targets.shape, dtype=torch.int64, device=logits.device) for _ in range(2))
-    bits = 8 * logits.element_size()
+    key, key_bits = _KEY.get(logits.dtype, (tl.uint32, 32))
+    block = min(triton.next_power_of_2(max(V, 2)), _BLOCK_BYTES // logits.element_size())
+    shared = dict(BLOCK_V=block, KEY_BITS=key_bits, PAIRS=read_in_pairs(x, V, stride_outer, stride_inner),
+                  num_warps=_NUM_WARPS)
+    return acc, shared, dict(ACC=TL_DTYPE[acc], KEY=key, PASSES=_PASSES[logits.dtype])
+
+
+def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):
+    """Forward launcher. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse2, clamped_entropy, state): the
+    fused pass's outputs as fused_pass.fused_fwd, clamped_entropy [...] and state [3, ...] (L_K, tau, cut: the
+    kept set, for the backward), in acc_dtype(logits)."""
+    x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
+    acc, kw, fwd_kw = _kernel_args(logits, x, V, stride_outer, stride_inner)
+    outs = new_outputs(targets, acc, stats)
+    logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
+    if not stats:
+        s2 = s3 = lse  # never written: STATS is off
+    cent = torch.empty(targets.shape, dtype=acc, device=logits.device)
+    state = torch.empty((3, *targets.shape), dtype=acc, device=logits.device)
     if N > 0:
-        _threshold_kernel[(N,)](x, t, thr, n_tie, V, inner, stride_outer, stride_inner,
-                                n_removed(V, clamp_fraction), ignore_index, BLOCK_V=block_v,
-                                INT=_INT[logits.dtype], BITS=bits, num_warps=num_warps)
-        _fwd_clamped_kernel[(N,)](x, t, thr, n_tie, *outs, V, inner, stride_outer, stride_inner, inv_temp,
-                                  ignore_index, BLOCK_V=block_v, ACC=_TL_DTYPE[acc], INT=_INT[logits.dtype],
-                                  BITS=bits, num_warps=num_warps)
-    return (*outs, thr, n_tie)
+        scale, inv_temp = scale_args(inv_temp)
+        _fwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), logp, ent, lse, s2, s3, outs[5], cent, state,
+                                  N, V, inner, stride_outer, stride_inner, n_removed(V, clamp_fraction), scale,
+                                  inv_temp, ignore_index, STATS=stats, **kw, **fwd_kw)
+    return (*outs, cent, state)
 
 
-def clamped_bwd(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy, grad_logp,
-                grad_entropy, grad_clamped, inv_temp, ignore_index, clamp_fraction, out):
-    """Backward launcher: writes dz of (logp, entropy, clamped_entropy) into `out` (may be `logits`).
-    clamp_fraction is part of the shared launcher interface; here thr and n_tie already encode K."""
+def clamped_bwd(logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped,
+                inv_temp, ignore_index, out):
+    """Backward launcher: writes dz of (logp, entropy, clamped_entropy) into `out` (may be `logits`)."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
     dx, _, _, _, dx_stride_outer, dx_stride_inner = row_layout(out, inner)
-    acc = acc_dtype(logits.dtype)
-    block_v, num_warps = pick_block(V, logits.element_size())
+    acc, kw, _ = _kernel_args(logits, x, V, stride_outer, stride_inner)
     grads = [g.reshape(-1).to(acc).contiguous() for g in (grad_logp, grad_entropy, grad_clamped)]
     if N > 0:
-        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo,
-                                  clamped_entropy,
-                                  *grads, dx, V, inner, stride_outer, stride_inner, dx_stride_outer,
-                                  dx_stride_inner, inv_temp, ignore_index, BLOCK_V=block_v, ACC=_TL_DTYPE[acc],
-                                  INT=_INT[logits.dtype], BITS=8 * logits.element_size(), num_warps=num_warps)
+        scale, inv_temp = scale_args(inv_temp)
+        _bwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), lse2, entropy, clamped_entropy, state, *grads,
+                                  dx, N, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner,
+                                  scale, inv_temp, ignore_index, **kw)
+    if dx is not out:
+        out.copy_(dx)
     return out

@@ -19,11 +19,11 @@ def _kept_block(x, inv_temp, clamp_fraction, acc):
     return logp_k, lse_k.squeeze(-1), logp_k.exp()
 
 
-def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction):
-    """Chunked forward; see clamped_entropy.clamped_fwd (lse_kept_lo, thr and n_tie are 0: the backward sorts
+def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):
+    """Chunked forward; see clamped_entropy.clamped_fwd (`state` holds only lse over K: the backward sorts
     and normalises again)."""
     acc = acc_dtype(logits.dtype)
-    outs = list(fused_fwd_torch(logits, targets, inv_temp, ignore_index, True))
+    outs = list(fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats))
     cent, lse_k, lse_k_lo = (torch.zeros(targets.shape, dtype=acc, device=logits.device) for _ in range(3))
     valid = (targets != ignore_index).reshape(-1)
     for sl, x in _row_blocks(logits):
@@ -31,12 +31,11 @@ def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction):
         h = -(pk * torch.where(pk > 0, logp_k, 0.0)).sum(-1)
         cent.view(-1)[sl] = torch.where(valid[sl], h.clamp(min=0.0), 0.0)
         lse_k.view(-1)[sl] = torch.where(valid[sl], lk, 0.0)
-    thr, n_tie = (torch.zeros(targets.shape, dtype=torch.int64, device=logits.device) for _ in range(2))
-    return (*outs, cent, lse_k, lse_k_lo, thr, n_tie)
+    return (*outs, cent, torch.stack([lse_k, lse_k_lo, torch.zeros_like(lse_k)]))
 
 
-def clamped_bwd_torch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy,
-                      grad_logp, grad_entropy, grad_clamped, inv_temp, ignore_index, clamp_fraction, out):
+def clamped_bwd_torch(logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped,
+                      inv_temp, ignore_index, clamp_fraction, out):
     """Chunked backward; see clamped_entropy.clamped_bwd. `out` may be `logits` itself."""
     acc = acc_dtype(logits.dtype)
     g_cent = grad_clamped.reshape(-1).to(acc)
@@ -46,5 +45,5 @@ def clamped_bwd_torch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kep
         logp_k, _, pk = _kept_block(x, inv_temp, clamp_fraction, acc)
         return -g_cent[sl, None] * pk * (torch.where(pk > 0, logp_k, 0.0) + cent[sl, None])
 
-    return fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
+    return fused_bwd_torch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                            extra_grad=clamped_grad)

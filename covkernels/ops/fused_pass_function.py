@@ -1,6 +1,6 @@
 """The fused pass as torch custom ops, so autograd and torch.compile see one opaque op each way.
 
-covkernels::fused_fwd       logits, targets -> (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo)
+covkernels::fused_fwd       logits, targets -> (logp, entropy, lse, sum_p2, sum_p2_logp, lse2)
 covkernels::fused_bwd       -> a new gradient in the logits' dtype
 covkernels::fused_bwd_      -> the gradient written into the logits' storage (inplace_backward=True)
 covkernels::clamped_fwd     the same plus AEnt's clamped entropy (and what its backward needs)
@@ -32,11 +32,11 @@ def _(logits, targets, inv_temp, ignore_index, stats, use_triton, inplace_backwa
 
 
 @torch.library.custom_op("covkernels::fused_bwd", mutates_args=())
-def fused_bwd_op(logits: Tensor, targets: Tensor, lse: Tensor, lse_lo: Tensor, entropy: Tensor, grad_logp: Tensor,
+def fused_bwd_op(logits: Tensor, targets: Tensor, lse2: Tensor, entropy: Tensor, grad_logp: Tensor,
                  grad_entropy: Tensor, inv_temp: float, ignore_index: int, use_triton: bool) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     launch = fused_bwd if use_triton else fused_bwd_torch
-    return launch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out)
+    return launch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out)
 
 
 @fused_bwd_op.register_fake
@@ -45,11 +45,10 @@ def _(logits, *args):
 
 
 @torch.library.custom_op("covkernels::fused_bwd_", mutates_args=("logits",))
-def fused_bwd_inplace_op(logits: Tensor, targets: Tensor, lse: Tensor, lse_lo: Tensor, entropy: Tensor,
-                         grad_logp: Tensor, grad_entropy: Tensor, inv_temp: float, ignore_index: int,
-                         use_triton: bool) -> None:
+def fused_bwd_inplace_op(logits: Tensor, targets: Tensor, lse2: Tensor, entropy: Tensor, grad_logp: Tensor,
+                         grad_entropy: Tensor, inv_temp: float, ignore_index: int, use_triton: bool) -> None:
     launch = fused_bwd if use_triton else fused_bwd_torch
-    launch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, logits)
+    launch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, logits)
 
 
 @fused_bwd_inplace_op.register_fake
@@ -59,18 +58,18 @@ def _(logits, *args):
 
 def _setup_context(ctx, inputs, output):
     logits, targets, inv_temp, ignore_index, _, use_triton, inplace_backward = inputs
-    _, entropy, lse, _, _, lse_lo = output
-    ctx.save_for_backward(logits, targets, lse, lse_lo, entropy)
+    _, entropy, _, _, _, lse2 = output
+    ctx.save_for_backward(logits, targets, lse2, entropy)
     ctx.args = (inv_temp, ignore_index, use_triton)
     ctx.inplace_backward = inplace_backward
 
 
 def _backward(ctx, grad_logp, grad_entropy, *_):
-    logits, targets, lse, lse_lo, entropy = ctx.saved_tensors
+    logits, targets, lse2, entropy = ctx.saved_tensors
     # An output that took no part in the loss arrives as None: it contributes nothing.
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp
-    grad_entropy = torch.zeros_like(lse) if grad_entropy is None else grad_entropy
-    args = (logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, *ctx.args)
+    grad_logp = torch.zeros_like(entropy) if grad_logp is None else grad_logp
+    grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
+    args = (logits, targets, lse2, entropy, grad_logp, grad_entropy, *ctx.args)
     if ctx.inplace_backward:
         fused_bwd_inplace_op(*args)
         grad = logits
@@ -98,28 +97,31 @@ fused_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
 
 @torch.library.custom_op("covkernels::clamped_fwd", mutates_args=())
 def clamped_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
-                   use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
-                                              Tensor, Tensor]:
-    launch = clamped_fwd if use_triton else clamped_fwd_torch
-    return tuple(launch(logits, targets, inv_temp, ignore_index, clamp_fraction))
+                   stats: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                           Tensor]:
+    if use_triton:
+        return tuple(clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats))
+    return tuple(clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats))
 
 
 @clamped_fwd_op.register_fake
-def _(logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton):
+def _(logits, targets, inv_temp, ignore_index, clamp_fraction, stats, use_triton):
     acc = acc_dtype(logits.dtype)
-    floats = [torch.empty(targets.shape, dtype=acc, device=targets.device) for _ in range(9)]
-    return (*floats, *(torch.empty(targets.shape, dtype=torch.int64, device=targets.device) for _ in range(2)))
+    outs = new_outputs(targets, acc, stats)
+    return (*outs, torch.empty(targets.shape, dtype=acc, device=targets.device),
+            torch.empty((3, *targets.shape), dtype=acc, device=targets.device))
 
 
 @torch.library.custom_op("covkernels::clamped_bwd", mutates_args=())
-def clamped_bwd_op(logits: Tensor, targets: Tensor, thr: Tensor, n_tie: Tensor, lse: Tensor, lse_lo: Tensor,
-                   entropy: Tensor, lse_kept: Tensor, lse_kept_lo: Tensor, clamped_entropy: Tensor, grad_logp: Tensor,
-                   grad_entropy: Tensor, grad_clamped: Tensor, inv_temp: float, ignore_index: int,
-                   clamp_fraction: float, use_triton: bool) -> Tensor:
+def clamped_bwd_op(logits: Tensor, targets: Tensor, lse2: Tensor, entropy: Tensor, clamped_entropy: Tensor,
+                   state: Tensor, grad_logp: Tensor, grad_entropy: Tensor, grad_clamped: Tensor, inv_temp: float,
+                   ignore_index: int, clamp_fraction: float, use_triton: bool) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    launch = clamped_bwd if use_triton else clamped_bwd_torch
-    return launch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy,
-                  grad_logp, grad_entropy, grad_clamped, inv_temp, ignore_index, clamp_fraction, out)
+    args = (logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped, inv_temp,
+            ignore_index)
+    if use_triton:  # the kept set is in `state`
+        return clamped_bwd(*args, out)
+    return clamped_bwd_torch(*args, clamp_fraction, out)
 
 
 @clamped_bwd_op.register_fake
@@ -128,17 +130,17 @@ def _(logits, *args):
 
 
 def _clamped_setup_context(ctx, inputs, output):
-    logits, targets, inv_temp, ignore_index, clamp_fraction, use_triton = inputs
-    _, entropy, lse, _, _, lse_lo, clamped_entropy, lse_kept, lse_kept_lo, thr, n_tie = output
-    ctx.save_for_backward(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kept, lse_kept_lo, clamped_entropy)
+    logits, targets, inv_temp, ignore_index, clamp_fraction, _, use_triton = inputs
+    _, entropy, _, _, _, lse2, clamped_entropy, state = output
+    ctx.save_for_backward(logits, targets, lse2, entropy, clamped_entropy, state)
     ctx.args = (inv_temp, ignore_index, clamp_fraction, use_triton)
 
 
-def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, _lo, grad_clamped, *_):
+def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, _lse2, grad_clamped, _state):
     saved = ctx.saved_tensors
-    lse = saved[4]
-    grads = [torch.zeros_like(lse) if g is None else g for g in (grad_logp, grad_entropy, grad_clamped)]
-    return clamped_bwd_op(*saved, *grads, *ctx.args), None, None, None, None, None
+    entropy = saved[3]
+    grads = [torch.zeros_like(entropy) if g is None else g for g in (grad_logp, grad_entropy, grad_clamped)]
+    return clamped_bwd_op(*saved, *grads, *ctx.args), None, None, None, None, None, None
 
 
 clamped_fwd_op.register_autograd(_clamped_backward, setup_context=_clamped_setup_context)

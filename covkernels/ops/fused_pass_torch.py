@@ -43,7 +43,7 @@ def _block_stats(x, t, inv_temp, ignore_index, acc):
 
 
 def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None):
-    """Chunked PyTorch forward; see fused_pass.fused_fwd (`splits` is accepted and ignored). lse_lo is 0:
+    """Chunked PyTorch forward; see fused_pass.fused_fwd (`splits` is accepted and ignored). lse2 is 0:
     the backward here recomputes each row relative to its max."""
     acc = acc_dtype(logits.dtype)
     outs = new_outputs(targets, acc, stats)
@@ -64,7 +64,7 @@ def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None)
     return outs
 
 
-def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
+def fused_bwd_torch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                     splits=None, extra_grad=None):
     """Chunked PyTorch backward; see fused_pass.fused_bwd. `out` may be `logits` itself.
 

@@ -4,10 +4,14 @@ import functools
 import torch
 import triton
 
-# Largest block of columns one program loads per step: 8 KiB of bf16 or 16 KiB of fp32 keeps enough
-# bytes in flight per SM without spilling the fp32 working set.
-_MAX_BLOCK_BYTES = 8192
-_MAX_BLOCK_FP32 = 4096
+# Columns one program loads per step: 2 KiB, four 128-bit loads per thread of a single warp. One warp per
+# program keeps the per-block max a warp reduction (no shared memory, no barrier) and the working set in
+# registers; many such programs per SM keep enough bytes in flight.
+_BLOCK_BYTES = 2048
+_NUM_WARPS = 1
+# Programs per SM the split heuristic aims for (one-warp programs, up to 32 resident per SM).
+_PROGRAMS_PER_SM = 16
+_LOG2E = 1.4426950408889634
 
 
 def row_layout(x, inner=None):
@@ -43,33 +47,52 @@ def acc_dtype(dtype):
 
 
 def new_outputs(targets, acc, stats):
-    """The forward's outputs (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo), of targets' shape;
-    sum_p2 and sum_p2_logp are empty when `stats` is off. Each is a separate allocation (custom ops may
-    not return aliases)."""
-    return [torch.empty(targets.shape if stats or i not in (3, 4) else (0,), dtype=acc, device=targets.device)
-            for i in range(6)]
+    """The forward's outputs (logp, entropy, lse, sum_p2, sum_p2_logp, lse2): the first five of targets'
+    shape (sum_p2 and sum_p2_logp empty when `stats` is off), lse2 [2, ...] (what the backward of the
+    implementation that ran needs), all in `acc`. Each is a separate allocation (custom ops may not return
+    aliases)."""
+    outs = [torch.empty(targets.shape if stats or i not in (3, 4) else (0,), dtype=acc, device=targets.device)
+            for i in range(5)]
+    return outs + [torch.empty((2, *targets.shape), dtype=acc, device=targets.device)]
+
+
+def scale_args(inv_temp):
+    """(scale, inv_temp) kernel arguments for 1 / T: scale = log2(e) / T, the base-2 factor of rowmath.py."""
+    return _LOG2E * inv_temp, inv_temp
+
+
+def read_in_pairs(x, V, stride_outer, stride_inner):
+    """True when the rows of x (from row_layout) can be read as 32-bit pairs of bf16 entries (rowmath.load_halves):
+    bf16, V and the row strides even, the storage 4-byte aligned."""
+    return (x.dtype == torch.bfloat16 and V % 2 == 0 and stride_outer % 2 == 0 and stride_inner % 2 == 0
+            and x.data_ptr() % 4 == 0)
 
 
 def pick_block(V, element_size):
-    """(BLOCK_V, num_warps) for rows of V elements of the given size."""
-    cap = min(_MAX_BLOCK_BYTES // element_size, _MAX_BLOCK_FP32)
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
-    return block, 8 if block >= 2048 else 4
+    """(BLOCK_V, num_warps) for rows of V elements of the given size (BLOCK_V >= 2: blocks are split in
+    even and odd halves)."""
+    block = min(triton.next_power_of_2(max(V, 2)), _BLOCK_BYTES // element_size)
+    return block, _NUM_WARPS
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index):
+def _cuda_sm_count(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device):
+    """Streaming multiprocessors of a CUDA device; 0 elsewhere (nothing to fill: no rows are split)."""
+    if device.type != "cuda":
+        return 0
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_splits(N, V, block_v, device, splits=None):
     """(programs per row, columns per program). Rows are split only when there are too few of them to
-    give every SM a few programs; each program then covers a whole number of blocks."""
+    give every SM several programs; each program then covers a whole number of blocks."""
     n_blocks = triton.cdiv(max(V, 1), block_v)
     if splits is None:
-        splits = 1
-        if device.type == "cuda" and N > 0:
-            splits = max(1, (4 * _sm_count(device.index if device.index is not None else 0)) // N)
+        splits = max(1, (_PROGRAMS_PER_SM * sm_count(device)) // N) if N > 0 else 1
     splits = max(1, min(splits, n_blocks))
     chunk = triton.cdiv(n_blocks, splits) * block_v
     return triton.cdiv(max(V, 1), chunk), chunk

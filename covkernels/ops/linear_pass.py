@@ -15,10 +15,8 @@ import triton
 import triton.language as tl
 
 from .._validation import INTERPRETING
-from .fused_pass import _combine_splits, _entropy_grad, _finish_row, _rescale
-from .layout import acc_dtype, new_outputs
-
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
+from .layout import acc_dtype, new_outputs, scale_args
+from .rowmath import TL_DTYPE, U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
 _MAX_CHUNK = 8192
 _BWD_CHUNK_ELEMS = 1 << 25
@@ -76,10 +74,10 @@ def _dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.cons
 
 
 @triton.jit
-def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, inv_temp, BLOCK_N: tl.constexpr,
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr,
                 ACC: tl.constexpr):
-    """z = (hidden @ weight.T + bias) * inv_temp on one [BLOCK_N, BLOCK_V] tile, accumulated in ACC.
+    """The logits hidden @ weight.T + bias (before the temperature) of one [BLOCK_N, BLOCK_V] tile, in ACC.
 
     rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
     into the matrix and mask what it gives (see _dot_loop)."""
@@ -89,31 +87,37 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, inv_te
     acc = _dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST, ACC)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(ACC)[None, :]
-    return acc * inv_temp
+    return acc
 
 
 @triton.jit
-def _online_update_rows(z, mx, l, s1, q, q1, STATS: tl.constexpr):
-    """fused_pass._online_update for a [BLOCK_N, BLOCK_V] tile (masked entries -inf) and [BLOCK_N] sums."""
-    mx_new = tl.maximum(mx, tl.max(z, axis=1))
-    ref = tl.where(mx_new == float("-inf"), 0.0, mx_new)
-    l, s1, q, q1 = _rescale(mx, ref, l, s1, q, q1)
-    zs = z - ref[:, None]
-    e = tl.exp(zs)
-    zs = tl.where(e > 0, zs, 0.0)
+def _add_tile(z, scale, m, l, s1, q, q1, STATS: tl.constexpr):
+    """Adds a [BLOCK_N, BLOCK_V] tile of raw logits (masked entries -inf) to the [BLOCK_N] running maxima m and
+    sums of rowmath.py (base 2; rows whose m * scale overflows in safe mode, per row)."""
+    m_new = tl.maximum(m, tl.max(z, axis=1))
+    r_new = tl.where(m_new == float("-inf"), 0.0, m_new * scale)
+    safe = overflows(m_new, r_new)
+    # Rows that had seen nothing (m = -inf) have zero sums: their rescale factor is 0, not 2^(0 - r_new).
+    d = tl.where(safe, (m - m_new) * scale, m * scale - r_new)
+    d = tl.where(m == float("-inf"), U_FLOOR, tl.maximum(d, U_FLOOR))
+    l, s1, q, q1 = rescale(d, l, s1, q, q1, STATS)
+    # The products dominate here: every entry is clamped (a -inf bias or a masked column gives u = -inf).
+    u = tl.where(safe[:, None], (z - m_new[:, None]) * scale, tl.fma(z, scale, -r_new[:, None]))
+    u = tl.maximum(u, U_FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(u)
     l += tl.sum(e, axis=1)
-    s1 += tl.sum(e * zs, axis=1)
+    s1 += tl.sum(e * u, axis=1)
     if STATS:
         e2 = e * e
         q += tl.sum(e2, axis=1)
-        q1 += tl.sum(e2 * zs, axis=1)
-    return mx_new, l, s1, q, q1
+        q1 += tl.sum(e2 * u, axis=1)
+    return m_new, l, s1, q, q1
 
 
 @triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "V"])
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn, stride_wv, chunk, n_split,
-                       inv_temp, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                       scale, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                        STATS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
     tile_n, split = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
@@ -124,25 +128,27 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
     col_start = split.to(tl.int64) * chunk
     # A tile of ignored rows (padding) skips its matrix products.
     col_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, tl.minimum(col_start + chunk, V), col_start)
-    mx = tl.full([BLOCK_N], float("-inf"), ACC)
+    m = tl.full([BLOCK_N], float("-inf"), ACC)
     l = tl.zeros([BLOCK_N], ACC)
     s1 = tl.zeros([BLOCK_N], ACC)
     q = tl.zeros([BLOCK_N], ACC)
     q1 = tl.zeros([BLOCK_N], ACC)
     z_t = tl.zeros([BLOCK_N], ACC)
-    for start in range(col_start, col_end, BLOCK_V):
+    start = col_start
+    while start < col_end:
         offs_v = start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv, inv_temp,
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
         z = tl.where(mask_v[None, :], z, float("-inf"))
-        mx, l, s1, q, q1 = _online_update_rows(z, mx, l, s1, q, q1, STATS)
+        m, l, s1, q, q1 = _add_tile(z, scale, m, l, s1, q, q1, STATS)
         # Exactly one split holds a row's target: the others add 0, so the combine's sum is z_t itself.
         z_t += tl.sum(tl.where(offs_v[None, :] == t[:, None], z, 0.0), axis=1)
-    # [6, N, n_split] per-split accumulators.
+        start += BLOCK_V
+    # [6, N, n_split] per-split maxima (-inf where the split saw nothing), sums and raw target logits.
     part = part_ptr + offs_n * n_split + split
     plane = N * n_split
-    tl.store(part, mx, mask=mask_n)
+    tl.store(part, m, mask=mask_n)
     tl.store(part + plane, l, mask=mask_n)
     tl.store(part + 2 * plane, s1, mask=mask_n)
     tl.store(part + 3 * plane, q, mask=mask_n)
@@ -151,24 +157,31 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
 
 
 @triton.jit
-def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, N, V, n_split,
-                           ignore_index, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
+def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, N, V, n_split,
+                           scale, inv_temp, ignore_index, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    ref, l, s1, q, q1 = _combine_splits(part_ptr, row, N, n_split, BLOCK_S)
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_split
+    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
+    plane = N * n_split
+    m, l, s1, q, q1 = merge_sums(tl.load(part, mask=mask_s, other=float("-inf")),
+                                 tl.load(part + plane, mask=mask_s, other=0.0),
+                                 tl.load(part + 2 * plane, mask=mask_s, other=0.0),
+                                 tl.load(part + 3 * plane, mask=mask_s, other=0.0),
+                                 tl.load(part + 4 * plane, mask=mask_s, other=0.0), scale, STATS)
+    x_t = tl.sum(tl.load(part + 5 * plane, mask=mask_s, other=0.0), axis=0)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     # A target outside [0, V) (validate=False) matched no column: its row gives NaN, never a number.
-    offs_s = tl.arange(0, BLOCK_S)
-    z_t = tl.sum(tl.load(part_ptr + 5 * N * n_split + row * n_split + offs_s, mask=offs_s < n_split, other=0.0),
-                 axis=0)
-    z_t = tl.where((t >= 0) & (t < V), z_t, float("nan"))
-    _finish_row(row, t, valid, z_t, ref, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lo_ptr, STATS)
+    bad = valid & ((t < 0) | (t >= V))
+    finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr,
+               lse2_ptr, N, STATS)
 
 
 @triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "n_cols"])
 @triton.jit
-def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
-                      N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, inv_temp, ignore_index,
+def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
+                      N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, scale, inv_temp, ignore_index,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
     """dz of SPEC section 3 on columns [col_start, col_start + n_cols) into dz [N, n_cols] (row stride
@@ -184,19 +197,21 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse_ptr, lo_ptr, ent_ptr, glog
     dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
     # A tile of ignored rows (padding) has dz = 0 and skips its matrix product.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
-        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv, inv_temp,
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
                         BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
-        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=0.0)
-        lse_lo = tl.load(lo_ptr + offs_n, mask=mask_n, other=0.0)
-        ent = tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0)
-        g_logp = tl.load(glogp_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
-        g_ent = tl.load(gent_ptr + offs_n, mask=mask_n, other=0.0).to(ACC)
-        p, dent = _entropy_grad(z, lse[:, None], lse_lo[:, None], ent[:, None])
-        delta = tl.where(offs_v[None, :] == t[:, None], 1.0, 0.0)
-        dz = (g_logp[:, None] * (delta - p) - g_ent[:, None] * dent) * inv_temp
+        m = tl.load(lse2_ptr + offs_n, mask=mask_n, other=0.0)
+        big_l = tl.load(lse2_ptr + N + offs_n, mask=mask_n, other=0.0)
+        g_logp = tl.load(glogp_ptr + offs_n, mask=mask_n, other=0.0)
+        coef_a, coef_b = grad_coeffs(g_logp, tl.load(gent_ptr + offs_n, mask=mask_n, other=0.0),
+                                     tl.load(ent_ptr + offs_n, mask=mask_n, other=0.0), inv_temp)
         # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
-        bad = valid & ((t < 0) | (t >= V))
-        dz = tl.where(bad[:, None], float("nan"), dz)
+        coef_a = tl.where(valid & ((t < 0) | (t >= V)), float("nan"), coef_a)
+        r = m * scale
+        safe = overflows(m, r)[:, None]
+        m, r, big_l, coef_a, coef_b = m[:, None], r[:, None], big_l[:, None], coef_a[:, None], coef_b[:, None]
+        dz = tl.where(safe, softmax_grad(z, scale, m, r, big_l, coef_a, coef_b, True),
+                      softmax_grad(z, scale, m, r, big_l, coef_a, coef_b, False))
+        dz += tl.where(offs_v[None, :] == t[:, None], g_logp[:, None] * inv_temp, 0.0)
         dz = tl.where(valid[:, None], dz, 0.0)
     mask = mask_n[:, None] & mask_v[None, :]
     tl.store(dz_ptr + offs_n[:, None] * stride_dzn + local_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -236,7 +251,7 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
 
 def _dot_args(dtype):
     acc = acc_dtype(dtype)
-    return dict(DOT_UPCAST=INTERPRETING or dtype == torch.float64, ACC=_TL_DTYPE[acc]), acc
+    return dict(DOT_UPCAST=INTERPRETING or dtype == torch.float64, ACC=TL_DTYPE[acc]), acc
 
 
 def _operands(hidden, weight, bias):
@@ -264,7 +279,7 @@ def _num_splits(N, V, device, splits):
 
 def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, splits=None):
     """Forward launcher. hidden [..., D] (last dim contiguous), weight [V, D], bias [V] or None, targets
-    [...]. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse_lo) as fused_pass.fused_fwd does.
+    [...]. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse2) as fused_pass.fused_fwd does.
     Extra memory: 24 * N * splits bytes of per-split accumulators. `splits` overrides the split count."""
     D, V = hidden.shape[-1], weight.shape[0]
     h, weight, b = _operands(hidden, weight, bias)
@@ -272,18 +287,19 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     t = targets.reshape(-1).contiguous()
     kw, acc = _dot_args(hidden.dtype)
     outs = new_outputs(targets, acc, stats)
-    logp, ent, lse, s2, s3, lse_lo = (o.view(-1) for o in outs)
+    logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
     if not stats:
         s2 = s3 = lse  # never written: STATS is off
     n_split, chunk = _num_splits(N, V, hidden.device, splits)
     part = torch.empty((6, N, n_split), dtype=acc, device=hidden.device)
+    scale, inv_temp = scale_args(inv_temp)
     if N > 0:
         def grid(meta):
             return (triton.cdiv(N, meta["BLOCK_N"]) * n_split,)
         _linear_fwd_kernel[grid](h, weight, b, t, part, N, V, D, h.stride(0), weight.stride(0), chunk, n_split,
-                                 inv_temp, ignore_index, HAS_BIAS=bias is not None, STATS=stats, **kw)
-        _linear_combine_kernel[(N,)](t, part, logp, ent, lse, s2, s3, lse_lo, N, V, n_split, ignore_index,
-                                     BLOCK_S=triton.next_power_of_2(n_split), STATS=stats, num_warps=1)
+                                 scale, ignore_index, HAS_BIAS=bias is not None, STATS=stats, **kw)
+        _linear_combine_kernel[(N,)](t, part, logp, ent, lse, s2, s3, outs[5], N, V, n_split, scale, inv_temp,
+                                     ignore_index, BLOCK_S=triton.next_power_of_2(n_split), STATS=stats, num_warps=1)
     return outs
 
 
@@ -298,7 +314,7 @@ def _bwd_chunk(N, V, chunk):
     return max(1, min(chunk, V))
 
 
-def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index,
+def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index,
                needs=(True, True, True), chunk=None):
     """Backward launcher: (d_hidden [..., D] in hidden's dtype, d_weight [V, D], d_bias [V] or None), each
     None where `needs` says so. chunk: vocabulary columns per chunk (default: <= 8192 and N * chunk <=
@@ -312,6 +328,7 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
     g_logp = grad_logp.reshape(-1).to(acc).contiguous()
     g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
     chunk = _bwd_chunk(N, V, chunk)
+    scale, inv_temp = scale_args(inv_temp)
     d_h = torch.zeros((N, D), dtype=hidden.dtype, device=h.device) if needs[0] else None
     split_lo = hidden.dtype not in (torch.float32, torch.float64)
     d_h_lo = torch.zeros_like(d_h) if needs[0] and split_lo else d_h
@@ -323,8 +340,8 @@ def linear_bwd(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, g
         dz = dz_buf[:, :nc]
         if N > 0:
             _linear_dz_kernel[_grid2(N, nc, "BLOCK_N", "BLOCK_V")](
-                h, weight, b, t, lse.reshape(-1), lse_lo.reshape(-1), entropy.reshape(-1), g_logp, g_ent, dz,
-                N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0), inv_temp, ignore_index,
+                h, weight, b, t, lse2.reshape(2, -1), entropy.reshape(-1), g_logp, g_ent, dz,
+                N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0), scale, inv_temp, ignore_index,
                 HAS_BIAS=bias is not None, **kw)
         w_c = weight[c0:c0 + nc]
         if d_w is not None:

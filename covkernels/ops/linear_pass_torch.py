@@ -1,15 +1,16 @@
 """The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64 on CUDA).
 
 Same interface and outputs as the launchers in linear_pass.py. The logits exist one fp32 block of at
-most _CHUNK_ELEMS elements at a time (rows x vocabulary columns), folded into the row accumulators of
-SPEC section 2 as the vocabulary-parallel path folds shards; the backward recomputes each block.
+most _CHUNK_ELEMS elements at a time (rows x vocabulary columns), folded into the base-2 row sums of
+rowmath_torch.py as the vocabulary-parallel path folds shards; the backward recomputes each block.
 """
 import math
 
 import torch
 
-from .layout import acc_dtype, new_outputs
-from .vocab_parallel import _bwd_torch, _finish_rows, _partials_torch, _rescale, _shard_targets
+from . import rowmath_torch as rm
+from .layout import acc_dtype, new_outputs, scale_args
+from .vocab_parallel import _shard_targets
 
 _CHUNK_ELEMS = 1 << 21
 
@@ -33,39 +34,34 @@ def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stat
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
     outs = new_outputs(targets, acc, stats)
-    flat = [o.view(-1) for o in outs]
+    flat = [o.view(-1) for o in outs[:5 if stats else 3]]
+    lse2 = outs[5].view(2, -1)
     t = targets.reshape(-1)
+    scale, inv_temp = scale_args(inv_temp)
     rows, cols = _blocks(N, V)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         h_rows, t_rows = h[r0:r1].to(acc), t[r0:r1]
-        mx = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=h.device)
-        sums = torch.zeros((5, r1 - r0), dtype=acc, device=h.device)  # l, s1, q, q1, z_t
+        sums = torch.zeros((5, r1 - r0), dtype=acc, device=h.device)
+        sums[0] = float("-inf")
+        x_t = torch.zeros(r1 - r0, dtype=acc, device=h.device)
         for c0 in range(0, V, cols):
             c1 = min(c0 + cols, V)
-            z = _logits(h_rows, weight, bias, c0, c1, acc) * inv_temp
-            part = _partials_torch(z, t_rows, 1.0, ignore_index, stats)
-            new = torch.maximum(mx, part[0])
-            ref = torch.where(new == float("-inf"), 0.0, new)
-            old = _rescale(mx, ref, *sums[:4])
-            add = _rescale(part[0], ref, *part[1:])
+            z = _logits(h_rows, weight, bias, c0, c1, acc)
+            sums = rm.merge(torch.stack([sums, rm.block_sums(z, scale, stats)], dim=-1), -1, scale)
             local_t = t_rows.long() - c0
             owned = (local_t >= 0) & (local_t < c1 - c0)
-            z_t = z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1)
-            sums = torch.stack([a + b for a, b in zip(old, add)] + [sums[4] + torch.where(owned, z_t, 0.0)])
-            mx = new
+            x_t += torch.where(owned, z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1), 0.0)
         valid = t_rows != ignore_index
-        ok = (t_rows >= 0) & (t_rows < V)
-        ref = torch.where(mx == float("-inf"), 0.0, mx)
-        logp, ent, lse, lse_lo, *s = _finish_rows(ref, sums[0], sums[1], sums[4], ok, valid,
-                                                  *(sums[2:4] if stats else ()))
-        for out, val in zip(flat, [logp, ent, lse, *s]):
+        bad = valid & ((t_rows < 0) | (t_rows >= V))
+        *row_outs, row_lse2 = rm.finish(sums, x_t, scale, inv_temp, valid, bad)
+        for out, val in zip(flat, row_outs):
             out[r0:r1] = val
-        flat[5][r0:r1] = lse_lo
+        lse2[:, r0:r1] = row_lse2
     return outs
 
 
-def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp,
+def linear_bwd_torch(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp,
                      ignore_index, needs=(True, True, True), chunk=None):
     """Chunked PyTorch backward; see linear_pass.linear_bwd (`chunk` is accepted and ignored)."""
     D, V = hidden.shape[-1], weight.shape[0]
@@ -73,8 +69,9 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
     t = targets.reshape(-1)
-    bad = (t != ignore_index) & ((t < 0) | (t >= V))
-    flat = [x.reshape(-1) for x in (lse, lse_lo, entropy, grad_logp, grad_entropy)]
+    lse2, ent = lse2.reshape(2, -1), entropy.reshape(-1)
+    g_logp, g_ent = grad_logp.reshape(-1).to(acc), grad_entropy.reshape(-1).to(acc)
+    scale, inv_temp = scale_args(inv_temp)
     d_h = torch.zeros((N, D), dtype=acc, device=h.device) if needs[0] else None
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
@@ -89,9 +86,9 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
             h_rows = h[r0:r1].to(acc)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
             local_t = _shard_targets(t[r0:r1], c0, c1 - c0, ignore_index)
-            dz = _bwd_torch(z, local_t, *(x[r0:r1] for x in flat), inv_temp, ignore_index)
-            # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
-            dz = torch.where(bad[r0:r1, None], float("nan"), dz)
+            # A target outside [0, V) (validate=False) left its row NaN: its gradient is NaN too (through lse2).
+            dz = rm.grad(z, local_t, lse2[:, r0:r1], ent[r0:r1], g_logp[r0:r1], g_ent[r0:r1], scale, inv_temp,
+                         ignore_index)
             d_w_c += dz.T @ h_rows
             d_b_c += dz.sum(0)
             if d_h is not None:

@@ -43,6 +43,8 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="larger interpreter case: pass --runslow")
     for item in items:
+        if item.module.__name__.startswith("test_integration"):
+            item.add_marker(pytest.mark.peers)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--runslow"):

@@ -66,15 +66,23 @@ def check_logits_targets(logits, targets, temperature, ignore_index, impl, valid
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "logits", logits)
     _check_options(temperature, ignore_index, impl)
-    use_triton = logits.is_cuda or (INTERPRETING and impl != "torch")
-    if impl == "torch":
-        use_triton = False
-    elif impl == "triton" and not use_triton:
-        raise ValueError("impl='triton' needs a CUDA tensor, or TRITON_INTERPRET=1 set before importing "
-                         "covkernels to run the kernels on the CPU")
+    use_triton = _use_triton("logits", logits, impl)
     if validate and not torch.compiler.is_compiling():
         check_targets_in_range(targets, logits.shape[-1], ignore_index)
     return use_triton
+
+
+def _use_triton(name, x, impl):
+    """Whether the Triton kernels run: on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; never for fp64,
+    which the chunked PyTorch path computes in fp64 (the kernels accumulate in fp32 with fp32 scalars)."""
+    if impl == "torch":
+        return False
+    triton_ok = (x.is_cuda or INTERPRETING) and x.dtype != torch.float64
+    if impl == "triton" and not triton_ok:
+        raise ValueError(f"impl='triton' needs {name} in bf16, fp16 or fp32 on a CUDA device, or TRITON_INTERPRET=1 "
+                         f"set before importing covkernels to run the kernels on the CPU (got {x.dtype} on "
+                         f"{x.device}); fp64 takes impl='torch'")
+    return triton_ok
 
 
 def check_targets_in_range(targets, V, ignore_index):
@@ -126,12 +134,7 @@ def check_lm_head(hidden, weight, bias, targets, temperature, ignore_index, impl
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "hidden", hidden)
     _check_options(temperature, ignore_index, impl)
-    # Triton's fp64 tl.dot is not for every GPU: fp64 (gradcheck) on CUDA takes the PyTorch path.
-    triton_ok = (hidden.is_cuda and hidden.dtype != torch.float64) or INTERPRETING
-    use_triton = triton_ok and impl != "torch"
-    if impl == "triton" and not triton_ok:
-        raise ValueError("impl='triton' needs a CUDA tensor (not fp64), or TRITON_INTERPRET=1 set before importing "
-                         "covkernels to run the kernels on the CPU")
+    use_triton = _use_triton("hidden", hidden, impl)
     if validate and not torch.compiler.is_compiling():
         check_targets_in_range(targets, weight.shape[0], ignore_index)
     return use_triton

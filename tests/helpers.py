@@ -36,3 +36,18 @@ def make_targets(logits, ignore_every=3, ignore_index=-100, dtype=torch.int64, s
 def upstream(shape, seed=2):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def interpreter_fuses_fma():
+    """Whether tl.fma rounds once here (compiled code and Triton 3.9's interpreter do; 3.6's interpreter
+    multiplies and adds, rounding twice): fma(1 + 2^-12, 1 + 2^-12, -(1 + 2^-11)) is 2^-24 only when fused."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _fma(out_ptr, a, c):
+        tl.store(out_ptr, tl.fma(tl.full([], a, tl.float32), tl.full([], a, tl.float32), tl.full([], c, tl.float32)))
+
+    out = torch.zeros(1)
+    _fma[(1,)](out, 1 + 2**-12, -(1 + 2**-11))
+    return out.item() == 2**-24

@@ -90,12 +90,24 @@ def test_inplace_backward_writes_gradient_into_logits(impl):
     assert (grads[1][:, 4:] == 0).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["auto", "torch"])
 def test_gradcheck_float64(impl):
     logits = torch.randn(3, 4, 37, dtype=torch.float64, requires_grad=True)
     targets = make_targets(logits)
     assert torch.autograd.gradcheck(
         lambda x: ck.logprobs_and_entropy(x, targets, temperature=0.5, impl=impl), (logits,))
+
+
+def test_float64_takes_the_torch_path():
+    """The kernels accumulate in fp32 with fp32 scalars: fp64 logits go to the PyTorch path (impl="auto"), and
+    impl="triton" says so."""
+    logits = torch.randn(3, 37, dtype=torch.float64)
+    targets = make_targets(logits)
+    auto = ck.token_stats(logits, targets, temperature=0.7)
+    torch_path = ck.token_stats(logits, targets, temperature=0.7, impl="torch")
+    assert all(torch.equal(a, b) for a, b in zip(auto[:6], torch_path[:6]))
+    with pytest.raises(ValueError, match="logits in bf16, fp16 or fp32"):
+        ck.token_stats(logits, targets, impl="triton")
 
 
 @pytest.mark.parametrize("impl", IMPLS)

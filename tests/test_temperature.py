@@ -4,15 +4,25 @@ x / T, forward and backward. A temperature fp32 cannot apply is a ValueError nam
 import pytest
 import torch
 import torch.distributed as dist
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import covkernels as ck
 import python_ref as ref
 from covkernels.distributed import vocab_parallel_token_stats
+from helpers import interpreter_fuses_fma
 from tolerances import assert_close_to_ref
 
 FIELDS = ("logp", "entropy", "lse", "sum_p2", "sum_p2_logp")
+# The kernels' accuracy with the temperature rests on a fused multiply-add; under an interpreter that rounds
+# tl.fma twice (Triton 3.6's) the Triton path is only as good as x * fp32(log2(e) / T), which these cases beat.
+UNFUSED = None if torch.cuda.is_available() or interpreter_fuses_fma() else (
+    "this Triton's interpreter rounds tl.fma twice; compiled kernels fuse it")
+
+
+def _skip_unfused(impl):
+    if impl == "triton" and UNFUSED:
+        pytest.skip(UNFUSED)
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +65,7 @@ def _check(stats_fn, x, targets, T, dtype, ref_fn=_logits_ref):
 def test_issue_case_large_fp32_logits(impl):
     """fp32 logits ~1e3, T = 1.388, V = 1044: multiplying by fp32(1/T) gave an entropy error of 1.65e-5 where
     plain PyTorch's x / T has 2.55e-6."""
+    _skip_unfused(impl)
     x = _logits(6, 1044, 1e3, seed=3)
     targets = torch.randint(0, 1044, (6,), generator=torch.Generator().manual_seed(4))
     _check(lambda a, t, T: ck.token_stats(a, t, temperature=T, impl=impl), x, targets, 1.388, torch.float32)
@@ -64,6 +75,7 @@ def test_issue_case_large_fp32_logits(impl):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_lm_head_large_logits(impl, dtype):
     """Logits hidden @ weight.T in the hundreds; the gradient checked through hidden."""
+    _skip_unfused(impl)
     g = torch.Generator().manual_seed(5)
     hidden = (torch.randn(12, 32, generator=g, dtype=torch.float64) * 40).to(dtype)
     weight = (torch.randn(300, 32, generator=g, dtype=torch.float64) * 4).to(dtype)
@@ -75,6 +87,7 @@ def test_lm_head_large_logits(impl, dtype):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_vocab_parallel_large_logits(one_rank, impl):
+    _skip_unfused(impl)
     x = _logits(6, 1044, 1e3, seed=8)
     targets = torch.randint(0, 1044, (6,), generator=torch.Generator().manual_seed(9))
     _check(lambda a, t, T: vocab_parallel_token_stats(a, t, vocab_start=0, vocab_group=one_rank, temperature=T,
@@ -92,6 +105,7 @@ def _offset_logits(offset, spread, V, seed, dtype=torch.float32):
 @pytest.mark.parametrize("offset, spread, V, T, seed", [(-2005.9, 0.22, 2, 1.828, 239), (-2368.5, 0.27, 7, 0.4709, 222)])
 def test_fuzz_cases_where_multiplying_by_1_over_T_lost_accuracy(impl, offset, spread, V, T, seed):
     """Two cases of a differential fuzz where x * fp32(1/T) put logp 1.5-3x further from float64 than x / T."""
+    _skip_unfused(impl)
     x, targets = _offset_logits(offset, spread, V, seed)
     _check(lambda a, t, T: ck.token_stats(a, t, temperature=T, impl=impl), x, targets, T, torch.float32)
 
@@ -101,6 +115,7 @@ def test_fuzz_cases_where_multiplying_by_1_over_T_lost_accuracy(impl, offset, sp
        seed=st.integers(0, 2**16), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        impl=st.sampled_from(["triton", "torch"]))
 def test_property_temperature_costs_no_accuracy(offset, spread, temperature, V, seed, dtype, impl):
+    assume(impl == "torch" or not UNFUSED)
     x, targets = _offset_logits(offset, spread, V, seed, dtype)
     _check(lambda a, t, T: ck.token_stats(a, t, temperature=T, impl=impl), x, targets, temperature, dtype)
 

@@ -17,82 +17,79 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import acc_dtype, new_outputs, read_in_pairs, row_layout, scale_args
-from .rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, TL_DTYPE, finish_row, grad_coeffs, load_halves,
+from .layout import new_outputs, read_in_pairs, row_layout, scale_args
+from .rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, finish_row, grad_coeffs, load_halves,
                       overflows, row_offset, scaled, softmax_grad)
 
 # Programs of several warps (few rows in flight at once, so a row is still in L2 at its later passes).
 _NUM_WARPS = 8
 _BLOCK_BYTES = 16384
-_KEY = {torch.float64: (tl.uint64, 64)}
-_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4, torch.float64: 8}
+# 8-bit digits of the fp32 key: bf16 values fill its top 16 bits, fp16 values its top 19, fp32 all 32.
+_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
 
 
 @triton.jit
-def _key(x, KEY: tl.constexpr, KEY_BITS: tl.constexpr):
-    """Unsigned keys (KEY: uint32, or uint64 for fp64) of float entries x: a < b iff key(a) < key(b);
-    -0.0 and +0.0 get the same key."""
-    bits = (x + 0.0).to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)  # + 0.0: -0.0 becomes +0.0
+def _key(x):
+    """uint32 keys of fp32 entries x: a < b iff key(a) < key(b); -0.0 and +0.0 get the same key."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0
     # Negative floats order backwards by their bits: flip all of them; positive ones: flip the sign bit.
-    return (bits ^ ((bits >> (KEY_BITS - 1)) | -(1 << (KEY_BITS - 1)))).to(KEY, bitcast=True)
+    return (bits ^ ((bits >> 31) | -(1 << 31))).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
-def _float_of_key(key, ACC: tl.constexpr, KEY_BITS: tl.constexpr):
-    bits = key.to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)
-    top = -(1 << (KEY_BITS - 1))  # the sign bit
-    return tl.where(bits < 0, bits ^ top, ~bits).to(ACC, bitcast=True)
+def _float_of_key(key):
+    bits = key.to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ -(1 << 31), ~bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _histogram_block(x_row, start, V, prefix, shift, m, MASKED: tl.constexpr, FIRST: tl.constexpr,
-                     BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, KEY: tl.constexpr, KEY_BITS: tl.constexpr):
+                     BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
     """The histogram [512] of the next digit of the keys of one block (keys outside the prefix found so far
     land in bins >= 256), and the running max (first pass only)."""
-    even, odd = load_halves(x_row, start, V, BLOCK_V, MASKED, PAIRS, m.dtype)
+    even, odd = load_halves(x_row, start, V, BLOCK_V, MASKED, PAIRS)
     x = tl.reshape(tl.join(even, odd), [BLOCK_V])
     if FIRST:
         m = tl.maximum(m, tl.max(x, axis=0))
     # Keys matching the prefix (its digits above `shift`) give a value < 256: the digit itself.
-    bins = tl.minimum((_key(x, KEY, KEY_BITS) ^ prefix) >> shift, 511).to(tl.int32)
+    bins = tl.minimum((_key(x) ^ prefix) >> shift, 511).to(tl.int32)
     if MASKED:
         bins = tl.where(start + tl.arange(0, BLOCK_V) < V, bins, 511)
     return tl.histogram(bins, 512), m
 
 
 @triton.jit
-def _select_tau(x_row, V, k, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, ACC: tl.constexpr, KEY: tl.constexpr,
-                KEY_BITS: tl.constexpr, PASSES: tl.constexpr):
+def _select_tau(x_row, V, k, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr):
     """(tau, n_tie, row max) of one row by radix select: the histogram of each digit of the keys that match
     the digits found so far gives the next digit of tau's key."""
     bins = tl.arange(0, 512)
     k_rem = tl.full([], 0, tl.int64) + k
-    prefix = tl.full([], 0, KEY)  # tau's key digits found so far
-    m = tl.full([], float("-inf"), ACC)
+    prefix = tl.full([], 0, tl.uint32)  # tau's key digits found so far
+    m = tl.full([], float("-inf"), tl.float32)
     for p in tl.static_range(PASSES):
-        shift = KEY_BITS - 8 * (p + 1)
+        shift = 32 - 8 * (p + 1)
         hist = tl.zeros([512], dtype=tl.int32)
         start = 0
         while start + BLOCK_V <= V:
-            h, m = _histogram_block(x_row, start, V, prefix, shift, m, False, p == 0, BLOCK_V, PAIRS, KEY, KEY_BITS)
+            h, m = _histogram_block(x_row, start, V, prefix, shift, m, False, p == 0, BLOCK_V, PAIRS)
             hist += h
             start += BLOCK_V
         if start < V:
-            h, m = _histogram_block(x_row, start, V, prefix, shift, m, True, p == 0, BLOCK_V, PAIRS, KEY, KEY_BITS)
+            h, m = _histogram_block(x_row, start, V, prefix, shift, m, True, p == 0, BLOCK_V, PAIRS)
             hist += h
         hist = tl.where(bins < 256, hist, 0)
         digit = tl.sum((tl.cumsum(hist, axis=0) <= k_rem).to(tl.int32), axis=0)
         k_rem -= tl.sum(tl.where(bins < digit, hist, 0).to(tl.int64), axis=0)
-        prefix = prefix | (digit.to(KEY) << shift)
+        prefix = prefix | (digit.to(tl.uint32) << shift)
     # Keys' bits below the passes are those of every entry (0 in the float's bits: 16-bit dtypes held in
     # fp32); a negative float's key has them flipped to 1.
-    low: tl.constexpr = (1 << (KEY_BITS - 8 * PASSES)) - 1
-    prefix = tl.where(prefix >> (KEY_BITS - 1) == 0, prefix | low, prefix)
-    return _float_of_key(prefix, ACC, KEY_BITS), k_rem, m
+    low: tl.constexpr = (1 << (32 - 8 * PASSES)) - 1
+    prefix = tl.where(prefix >> 31 == 0, prefix | low, prefix)
+    return _float_of_key(prefix), k_rem, m
 
 
 @triton.jit
-def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr):
     """The column of the first entry equal to tau past the first n_tie of them (0 when n_tie = 0)."""
     offs = tl.arange(0, BLOCK_V)
     cut = tl.full([], 0, tl.int32)
@@ -100,7 +97,7 @@ def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
     start = tl.where(n_tie > 0, 0, V)
     while start < V:
         cols = start + offs
-        eq = (tl.load(x_row + cols, mask=cols < V, other=0.0).to(ACC) == tau) & (cols < V)
+        eq = (tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32) == tau) & (cols < V)
         count = tl.sum(eq.to(tl.int64), axis=0)
         if seen + count > n_tie:
             rank = seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1
@@ -113,9 +110,9 @@ def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _next_up(x, KEY_BITS: tl.constexpr):
-    """The smallest float above x (x not NaN or +inf)."""
-    bits = x.to(tl.int32 if KEY_BITS == 32 else tl.int64, bitcast=True)
+def _next_up(x):
+    """The smallest fp32 above x (x not NaN or +inf)."""
+    bits = x.to(tl.int32, bitcast=True)
     return tl.where(bits >= 0, bits + 1, bits - 1).to(x.dtype, bitcast=True)
 
 
@@ -151,7 +148,7 @@ def _add_kept_block(x_row, start, V, scale, m, r, thr, tau, cut, l, s1, q, q1, l
     """One block's entries added to the sums; PER_COLUMN blocks (the one holding `cut`, the ragged end) are
     masked and test K column by column."""
     HALF: tl.constexpr = l.shape[0]
-    even, odd = load_halves(x_row, start, V, 2 * HALF, PER_COLUMN, PAIRS, l.dtype)
+    even, odd = load_halves(x_row, start, V, 2 * HALF, PER_COLUMN, PAIRS)
     cols = start + 2 * tl.arange(0, HALF)
     k_even = _kept(even, cols, thr, tau, cut, PER_COLUMN)
     k_odd = _kept(odd, cols + 1, thr, tau, cut, PER_COLUMN)
@@ -161,13 +158,13 @@ def _add_kept_block(x_row, start, V, scale, m, r, thr, tau, cut, l, s1, q, q1, l
 
 @triton.jit
 def _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
-               PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+               PAIRS: tl.constexpr):
     """(l, s1, q, q1, l_K, s1_K) of one row relative to the fixed reference of its max m (base 2, rowmath.py)."""
     HALF: tl.constexpr = BLOCK_V // 2
     r = m * scale
-    acc = tl.zeros([HALF], m.dtype)
-    l, s1, q, q1, lk, s1k = acc, acc, acc, acc, acc, acc
-    tau_up = _next_up(tau, KEY_BITS)
+    zero = tl.zeros([HALF], tl.float32)
+    l, s1, q, q1, lk, s1k = zero, zero, zero, zero, zero, zero
+    tau_up = _next_up(tau)
     # Whole blocks before the one holding `cut` keep x > tau, whole blocks after it x >= tau.
     start = 0
     while start + BLOCK_V <= tl.minimum(cut, V):
@@ -192,26 +189,23 @@ def _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.con
 @triton.jit
 def _fwd_clamped_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, cent_ptr, state_ptr,
                         N, V, inner, stride_outer, stride_inner, k, scale, inv_temp, ignore_index,
-                        BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr, ACC: tl.constexpr,
-                        KEY: tl.constexpr, KEY_BITS: tl.constexpr, PASSES: tl.constexpr):
+                        BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     n = tl.where(valid, V, 0)  # ignored rows: nothing is read
-    tau, n_tie, m = _select_tau(x_row, n, k, BLOCK_V, PAIRS, ACC, KEY, KEY_BITS, PASSES)
-    cut = _find_cut(x_row, n, tau, n_tie, BLOCK_V, ACC)
-    l, s1, q, q1, lk, s1k = _kept_sums(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_FAST, STATS, PAIRS, KEY_BITS)
+    tau, n_tie, m = _select_tau(x_row, n, k, BLOCK_V, PAIRS, PASSES)
+    cut = _find_cut(x_row, n, tau, n_tie, BLOCK_V)
+    l, s1, q, q1, lk, s1k = _kept_sums(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_FAST, STATS, PAIRS)
     poisoned = s1 + q1 + s1k
     # Read again in safe mode where m * scale overflows, clamped where a -inf entry met a zero weight.
     if overflows(m, m * scale):
-        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_SAFE, STATS, PAIRS,
-                                                 KEY_BITS)
+        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_SAFE, STATS, PAIRS)
     elif (poisoned != poisoned) & (l == l):
-        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_CLAMP, STATS, PAIRS,
-                                                 KEY_BITS)
+        l, s1, q, q1, lk, s1k = _kept_sums_again(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_CLAMP, STATS, PAIRS)
     bad = valid & ((t < 0) | (t >= V))
-    x_t = tl.load(x_row + t, mask=valid & ~bad, other=0.0).to(ACC)
+    x_t = tl.load(x_row + t, mask=valid & ~bad, other=0.0).to(tl.float32)
     finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr,
                lse2_ptr, N, STATS)
     keep = valid & ~bad
@@ -223,7 +217,7 @@ def _fwd_clamped_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr
     # [3, N] what the backward needs of K: L_K, tau and cut (an int < 2^24, exact in fp32).
     tl.store(state_ptr + row, tl.where(keep, big_lk, 0.0) + poison)
     tl.store(state_ptr + N + row, tau)
-    tl.store(state_ptr + 2 * N + row, cut.to(ACC))
+    tl.store(state_ptr + 2 * N + row, cut.to(tl.float32))
 
 
 @triton.jit
@@ -231,7 +225,7 @@ def _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, thr, tau, c
                         BLOCK_V: tl.constexpr, PER_COLUMN: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr):
     HALF: tl.constexpr = BLOCK_V // 2
     cols = start + tl.arange(0, BLOCK_V)
-    even, odd = load_halves(x_row, start, V, BLOCK_V, PER_COLUMN, PAIRS, m.dtype)
+    even, odd = load_halves(x_row, start, V, BLOCK_V, PER_COLUMN, PAIRS)
     half_cols = start + 2 * tl.arange(0, HALF)
     k_even = _kept(even, half_cols, thr, tau, cut, PER_COLUMN)
     k_odd = _kept(odd, half_cols + 1, thr, tau, cut, PER_COLUMN)
@@ -249,11 +243,11 @@ def _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, thr, tau, c
 
 @triton.jit
 def _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
-                         BLOCK_V: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+                         BLOCK_V: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr):
     """A row's gradient, block by block as in _kept_sums: x > tau before the block holding `cut`, x >= tau
     after it, the rule column by column in that block and the ragged end."""
     r = m * scale
-    tau_up = _next_up(tau, KEY_BITS)
+    tau_up = _next_up(tau)
     start = 0
     while start + BLOCK_V <= tl.minimum(cut, V):
         _store_clamped_grad(dx_row, start, V, x_row, scale, m, r, big_l, tau_up, tau, cut, coef_a, coef_b, kept_a,
@@ -274,23 +268,23 @@ def _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, co
 
 @triton.jit(noinline=True)
 def _store_clamped_grads_safe(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
-                              BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+                              BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
     """_store_clamped_grads of a safe-mode row, a function of its own (rare; see rowmath.row_sums_again)."""
     _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b, BLOCK_V, True,
-                         PAIRS, KEY_BITS)
+                         PAIRS)
 
 
 @triton.jit(noinline=True)
 def _kept_sums_again(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
-                     PAIRS: tl.constexpr, KEY_BITS: tl.constexpr):
+                     PAIRS: tl.constexpr):
     """_kept_sums for the rare second read (see rowmath.row_sums_again)."""
-    return _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V, MODE, STATS, PAIRS, KEY_BITS)
+    return _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V, MODE, STATS, PAIRS)
 
 
 @triton.jit
 def _bwd_clamped_kernel(x_ptr, t_ptr, lse2_ptr, ent_ptr, cent_ptr, state_ptr, glogp_ptr, gent_ptr, gcent_ptr, dx_ptr,
                         N, V, inner, stride_outer, stride_inner, dx_stride_outer, dx_stride_inner, scale, inv_temp,
-                        ignore_index, BLOCK_V: tl.constexpr, KEY_BITS: tl.constexpr, PAIRS: tl.constexpr):
+                        ignore_index, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
     dx_row = dx_ptr + row_offset(row, inner, dx_stride_outer, dx_stride_inner)
@@ -313,14 +307,14 @@ def _bwd_clamped_kernel(x_ptr, t_ptr, lse2_ptr, ent_ptr, cent_ptr, state_ptr, gl
         bad = (t < 0) | (t >= V)
         coef_a = tl.where(bad, float("nan"), coef_a)
         kept_a = tl.where(bad, float("nan"), kept_a)
-        x_t = tl.load(x_row + t, mask=~bad, other=0.0).to(m.dtype)
+        x_t = tl.load(x_row + t, mask=~bad, other=0.0).to(tl.float32)
         safe = overflows(m, m * scale)
         if safe:
             _store_clamped_grads_safe(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
-                                      BLOCK_V, PAIRS, KEY_BITS)
+                                      BLOCK_V, PAIRS)
         else:
             _store_clamped_grads(dx_row, V, x_row, scale, m, big_l, tau, cut, coef_a, coef_b, kept_a, kept_b,
-                                 BLOCK_V, False, PAIRS, KEY_BITS)
+                                 BLOCK_V, False, PAIRS)
         if not bad:
             tl.debug_barrier()  # the loop's store of the target's column lands first
             kept_t = (x_t > tau) | ((x_t == tau) & (t >= cut))
@@ -345,27 +339,25 @@ def n_removed(V, clamp_fraction):
 
 
 def _kernel_args(logits, x, V, stride_outer, stride_inner):
-    """(acc dtype, the keyword arguments both kernels take, those only the forward takes)."""
-    acc = acc_dtype(logits.dtype)
-    key, key_bits = _KEY.get(logits.dtype, (tl.uint32, 32))
+    """(the keyword arguments both kernels take, those only the forward takes)."""
     block = min(triton.next_power_of_2(max(V, 2)), _BLOCK_BYTES // logits.element_size())
-    shared = dict(BLOCK_V=block, KEY_BITS=key_bits, PAIRS=read_in_pairs(x, V, stride_outer, stride_inner),
+    shared = dict(BLOCK_V=block, PAIRS=read_in_pairs(x, V, stride_outer, stride_inner),
                   num_warps=_NUM_WARPS)
-    return acc, shared, dict(ACC=TL_DTYPE[acc], KEY=key, PASSES=_PASSES[logits.dtype])
+    return shared, dict(PASSES=_PASSES[logits.dtype])
 
 
 def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):
     """Forward launcher. Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse2, clamped_entropy, state): the
     fused pass's outputs as fused_pass.fused_fwd, clamped_entropy [...] and state [3, ...] (L_K, tau, cut: the
-    kept set, for the backward), in acc_dtype(logits)."""
+    kept set, for the backward), fp32."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
-    acc, kw, fwd_kw = _kernel_args(logits, x, V, stride_outer, stride_inner)
-    outs = new_outputs(targets, acc, stats)
+    kw, fwd_kw = _kernel_args(logits, x, V, stride_outer, stride_inner)
+    outs = new_outputs(targets, torch.float32, stats)
     logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
     if not stats:
         s2 = s3 = lse  # never written: STATS is off
-    cent = torch.empty(targets.shape, dtype=acc, device=logits.device)
-    state = torch.empty((3, *targets.shape), dtype=acc, device=logits.device)
+    cent = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+    state = torch.empty((3, *targets.shape), dtype=torch.float32, device=logits.device)
     if N > 0:
         scale, inv_temp = scale_args(inv_temp)
         _fwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), logp, ent, lse, s2, s3, outs[5], cent, state,
@@ -379,8 +371,8 @@ def clamped_bwd(logits, targets, lse2, entropy, clamped_entropy, state, grad_log
     """Backward launcher: writes dz of (logp, entropy, clamped_entropy) into `out` (may be `logits`)."""
     x, N, V, inner, stride_outer, stride_inner = row_layout(logits)
     dx, _, _, _, dx_stride_outer, dx_stride_inner = row_layout(out, inner)
-    acc, kw, _ = _kernel_args(logits, x, V, stride_outer, stride_inner)
-    grads = [g.reshape(-1).to(acc).contiguous() for g in (grad_logp, grad_entropy, grad_clamped)]
+    kw, _ = _kernel_args(logits, x, V, stride_outer, stride_inner)
+    grads = [g.reshape(-1).to(torch.float32).contiguous() for g in (grad_logp, grad_entropy, grad_clamped)]
     if N > 0:
         scale, inv_temp = scale_args(inv_temp)
         _bwd_clamped_kernel[(N,)](x, targets.reshape(-1).contiguous(), lse2, entropy, clamped_entropy, state, *grads,

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import acc_dtype, new_outputs, num_splits, pick_block, read_in_pairs, row_layout, scale_args
-from .rowmath import TL_DTYPE as _TL
+from .layout import new_outputs, num_splits, pick_block, read_in_pairs, row_layout, scale_args
 from .rowmath import (finish_row, grad_coeffs, load_halves, merge_sums, overflows, row_offset, row_sums_safe,
                       softmax_grad)
 
@@ -23,8 +22,7 @@ from .rowmath import (finish_row, grad_coeffs, load_halves, merge_sums, overflow
 @triton.jit
 def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, part_ptr,
                 N, V, inner, stride_outer, stride_inner, chunk, scale, inv_temp, ignore_index,
-                BLOCK_V: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr, PAIRS: tl.constexpr,
-                ACC: tl.constexpr):
+                BLOCK_V: tl.constexpr, STATS: tl.constexpr, SPLIT: tl.constexpr, PAIRS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
@@ -32,7 +30,7 @@ def _fwd_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_p
     valid = t != ignore_index
     col_start = split * chunk
     col_end = tl.where(valid, tl.minimum(col_start + chunk, V), col_start)
-    m, l, s1, q, q1 = row_sums_safe(x_row, col_start, col_end, scale, BLOCK_V, STATS, PAIRS, ACC)
+    m, l, s1, q, q1 = row_sums_safe(x_row, col_start, col_end, scale, BLOCK_V, STATS, PAIRS)
     if SPLIT:
         # [5, N, n_split] per-split sums and maxima (-inf where the split saw nothing), for _combine_kernel.
         n_split = tl.num_programs(1)
@@ -53,7 +51,7 @@ def _finish(x_row, row, t, valid, V, scale, inv_temp, m, l, s1, q, q1, logp_ptr,
             lse2_ptr, N, STATS: tl.constexpr):
     # A target outside [0, V) that is not ignore_index is never dereferenced: its row gives NaN.
     bad = valid & ((t < 0) | (t >= V))
-    x_t = tl.load(x_row + t, mask=valid & ~bad, other=0.0).to(m.dtype)
+    x_t = tl.load(x_row + t, mask=valid & ~bad, other=0.0).to(tl.float32)
     finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr,
                lse2_ptr, N, STATS)
 
@@ -81,7 +79,7 @@ def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, ls
 @triton.jit
 def _store_grad(dx_row, start, end, x_row, scale, m, r, big_l, coef_a, coef_b, BLOCK_V: tl.constexpr,
                 MASKED: tl.constexpr, SAFE: tl.constexpr, PAIRS: tl.constexpr):
-    even, odd = load_halves(x_row, start, end, BLOCK_V, MASKED, PAIRS, m.dtype)
+    even, odd = load_halves(x_row, start, end, BLOCK_V, MASKED, PAIRS)
     cols = start + tl.arange(0, BLOCK_V)
     dz = tl.join(softmax_grad(even, scale, m, r, big_l, coef_a, coef_b, SAFE),
                  softmax_grad(odd, scale, m, r, big_l, coef_a, coef_b, SAFE))
@@ -125,7 +123,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr, N,
         m = tl.load(lse2_ptr + row)
         big_l = tl.load(lse2_ptr + N + row)
         r = m * scale
-        g_logp = tl.load(glogp_ptr + row).to(m.dtype)
+        g_logp = tl.load(glogp_ptr + row)
         coef_a, coef_b = grad_coeffs(g_logp, tl.load(gent_ptr + row), tl.load(ent_ptr + row), inv_temp)
         if CHECK_TARGET:
             # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too. Off for
@@ -133,7 +131,7 @@ def _bwd_kernel(x_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dx_ptr, N,
             coef_a = tl.where((t < 0) | (t >= V), float("nan"), coef_a)
         # The target's delta term is added after the loop; its logit is read first (dx may be x).
         owns = (t >= col_start) & (t < col_end)
-        x_t = tl.load(x_row + t, mask=owns, other=0.0).to(m.dtype)
+        x_t = tl.load(x_row + t, mask=owns, other=0.0).to(tl.float32)
         safe = overflows(m, r)
         if safe:
             _store_grads_safe(dx_row, col_start, col_end, x_row, scale, m, r, big_l, coef_a, coef_b, BLOCK_V, PAIRS)
@@ -166,24 +164,22 @@ def _launch_shape(logits, splits):
 def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
     """Forward launcher. logits [..., V] (last dim contiguous), targets [...] int.
 
-    Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse2): the first five of targets' shape in
-    acc_dtype(logits) (sum_p2, sum_p2_logp empty when `stats` is False); lse2 [2, ...] = (m, L), the row's
+    Returns (logp, entropy, lse, sum_p2, sum_p2_logp, lse2): the first five of targets' shape in fp32
+    (sum_p2, sum_p2_logp empty when `stats` is False); lse2 [2, ...] = (m, L), the row's
     max raw logit and the log2 of its base-2 sum (rowmath.py), for the backward. `splits` overrides the programs
     per row.
     """
     x, N, V, inner, stride_outer, stride_inner, n_split, chunk, kw = _launch_shape(logits, splits)
     t = targets.reshape(-1).contiguous()  # the kernels index targets by row: stride 1
-    outs = new_outputs(targets, acc_dtype(logits.dtype), stats)
+    outs = new_outputs(targets, torch.float32, stats)
     logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
     if not stats:
         s2 = s3 = lse  # never written: STATS is off
-    acc = acc_dtype(logits.dtype)
-    part = torch.empty((5, N, n_split) if n_split > 1 else (1,), dtype=acc, device=logits.device)
+    part = torch.empty((5, N, n_split) if n_split > 1 else (1,), dtype=torch.float32, device=logits.device)
     scale, inv_temp = scale_args(inv_temp)
     if N > 0:
         args = (x, t, logp, ent, lse, s2, s3, outs[5], part, N, V, inner, stride_outer, stride_inner)
-        _fwd_kernel[(N, n_split)](*args, chunk, scale, inv_temp, ignore_index, STATS=stats, SPLIT=n_split > 1,
-                                  ACC=_TL[acc], **kw)
+        _fwd_kernel[(N, n_split)](*args, chunk, scale, inv_temp, ignore_index, STATS=stats, SPLIT=n_split > 1, **kw)
         if n_split > 1:
             _combine_kernel[(N,)](*args, n_split, scale, inv_temp, ignore_index,
                                   BLOCK_S=triton.next_power_of_2(n_split), STATS=stats, num_warps=1)
@@ -191,18 +187,17 @@ def fused_fwd(logits, targets, inv_temp, ignore_index, stats, splits=None):
 
 
 def fused_fwd_partials(logits, targets, inv_temp, ignore_index, stats):
-    """[5, N] (m, l, s1, q, q1; acc_dtype): each row's max and base-2 sums relative to its reference (rowmath.py),
+    """[5, N] fp32 (m, l, s1, q, q1): each row's max and base-2 sums relative to its reference (rowmath.py),
     unfinished: for rows whose other columns live elsewhere (vocabulary-parallel shards). Ignored rows are
     never read (m = -inf, sums 0)."""
     x, N, V, inner, stride_outer, stride_inner, _, _, kw = _launch_shape(logits, 1)
-    acc = acc_dtype(logits.dtype)
-    part = torch.empty((5, N, 1), dtype=acc, device=logits.device)
+    part = torch.empty((5, N, 1), dtype=torch.float32, device=logits.device)
     if N > 0:
         scale, inv_temp = scale_args(inv_temp)
         # Split mode stores the sums and writes none of the row outputs: `part` stands in for them.
         _fwd_kernel[(N, 1)](x, targets.reshape(-1).contiguous(), part, part, part, part, part, part, part, N, V,
                             inner, stride_outer, stride_inner, max(V, 1), scale, inv_temp, ignore_index, STATS=stats,
-                            SPLIT=True, ACC=_TL[acc], **kw)
+                            SPLIT=True, **kw)
     return part.view(5, N)
 
 
@@ -218,9 +213,8 @@ def fused_bwd(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp,
     """
     x, N, V, inner, stride_outer, stride_inner, n_split, chunk, kw = _launch_shape(logits, splits)
     dx, _, _, _, dx_stride_outer, dx_stride_inner = row_layout(out, inner)
-    acc = acc_dtype(logits.dtype)
-    g_logp = grad_logp.reshape(-1).to(acc).contiguous()
-    g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
+    g_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
+    g_ent = grad_entropy.reshape(-1).to(torch.float32).contiguous()
     scale, inv_temp = scale_args(inv_temp)
     if N > 0:
         _bwd_kernel[(N, n_split)](x, targets.reshape(-1).contiguous(), lse2.reshape(2, -1), entropy.reshape(-1),

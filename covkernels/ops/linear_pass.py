@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from .._validation import INTERPRETING
-from .layout import acc_dtype, new_outputs, scale_args
-from .rowmath import TL_DTYPE, U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
+from .layout import new_outputs, scale_args
+from .rowmath import U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
 _MAX_CHUNK = 8192
 _BWD_CHUNK_ELEMS = 1 << 25
@@ -51,23 +51,23 @@ def _tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
 
 @triton.jit
 def _dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
-    """sum over k of a[:, k] b[k, :] in ACC: a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_C] point at
+              DOT_UPCAST: tl.constexpr):
+    """sum over k of a[:, k] b[k, :] in fp32: a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_C] point at
     the first depth block (a contiguous along k; b's k stride is b_step), and must address valid memory
     in the other dims: only the depth is masked here, as 2-D masks in this loop make the compiler spill
     registers, and the pointers are advanced rather than recomputed for the same reason."""
     offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k0
         a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
         if DOT_UPCAST:
             # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
-            a = a.to(ACC)
-            b = b.to(ACC)
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=ACC)
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * b_step
     return acc
@@ -75,18 +75,17 @@ def _dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.cons
 
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr,
-                ACC: tl.constexpr):
-    """The logits hidden @ weight.T + bias (before the temperature) of one [BLOCK_N, BLOCK_V] tile, in ACC.
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """The logits hidden @ weight.T + bias (before the temperature) of one [BLOCK_N, BLOCK_V] tile, in fp32.
 
     rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
     into the matrix and mask what it gives (see _dot_loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-    acc = _dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST, ACC)
+    acc = _dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols).to(ACC)[None, :]
+        acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     return acc
 
 
@@ -119,7 +118,7 @@ def _add_tile(z, scale, m, l, s1, q, q1, STATS: tl.constexpr):
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn, stride_wv, chunk, n_split,
                        scale, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       STATS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+                       STATS: tl.constexpr, DOT_UPCAST: tl.constexpr):
     tile_n, split = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -128,18 +127,18 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
     col_start = split.to(tl.int64) * chunk
     # A tile of ignored rows (padding) skips its matrix products.
     col_end = tl.where(tl.max(valid.to(tl.int32), axis=0) > 0, tl.minimum(col_start + chunk, V), col_start)
-    m = tl.full([BLOCK_N], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_N], ACC)
-    s1 = tl.zeros([BLOCK_N], ACC)
-    q = tl.zeros([BLOCK_N], ACC)
-    q1 = tl.zeros([BLOCK_N], ACC)
-    z_t = tl.zeros([BLOCK_N], ACC)
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_N], tl.float32)
+    s1 = tl.zeros([BLOCK_N], tl.float32)
+    q = tl.zeros([BLOCK_N], tl.float32)
+    q1 = tl.zeros([BLOCK_N], tl.float32)
+    z_t = tl.zeros([BLOCK_N], tl.float32)
     start = col_start
     while start < col_end:
         offs_v = start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m, l, s1, q, q1 = _add_tile(z, scale, m, l, s1, q, q1, STATS)
         # Exactly one split holds a row's target: the others add 0, so the combine's sum is z_t itself.
@@ -183,7 +182,7 @@ def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, 
 def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
                       N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, scale, inv_temp, ignore_index,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """dz of SPEC section 3 on columns [col_start, col_start + n_cols) into dz [N, n_cols] (row stride
     stride_dzn), from recomputed logit tiles."""
     tile_n, tile_v = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
@@ -194,11 +193,11 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
     mask_v = local_v < n_cols
     t = tl.load(t_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
     valid = mask_n & (t != ignore_index)
-    dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=ACC)
+    dz = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     # A tile of ignored rows (padding) has dz = 0 and skips its matrix product.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST, ACC)
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST)
         m = tl.load(lse2_ptr + offs_n, mask=mask_n, other=0.0)
         big_l = tl.load(lse2_ptr + N + offs_n, mask=mask_n, other=0.0)
         g_logp = tl.load(glogp_ptr + offs_n, mask=mask_n, other=0.0)
@@ -223,7 +222,7 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
 @triton.jit
 def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-                   SPLIT_LO: tl.constexpr, DOT_UPCAST: tl.constexpr, ACC: tl.constexpr):
+                   SPLIT_LO: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """c [M, C] (contiguous) += a [M, K] @ b [K, C], the sum carried across calls in fp32-like precision.
 
     With SPLIT_LO (bf16/fp16 c) the running sum is the pair c + lo, lo [M, C] in c's dtype holding the
@@ -237,21 +236,16 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
     # would spill).
     a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_c % C)[None, :]  # [BLOCK_K, BLOCK_C]
-    acc = _dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, DOT_UPCAST, ACC)
+    acc = _dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, DOT_UPCAST)
     offs = offs_m[:, None] * C + offs_c[None, :]
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
-    acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(ACC)
+    acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if SPLIT_LO:
-        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(ACC)
+        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     hi = acc.to(c_ptr.dtype.element_ty)
     tl.store(c_ptr + offs, hi, mask=mask)
     if SPLIT_LO:
-        tl.store(lo_ptr + offs, (acc - hi.to(ACC)).to(lo_ptr.dtype.element_ty), mask=mask)
-
-
-def _dot_args(dtype):
-    acc = acc_dtype(dtype)
-    return dict(DOT_UPCAST=INTERPRETING or dtype == torch.float64, ACC=TL_DTYPE[acc]), acc
+        tl.store(lo_ptr + offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
 
 
 def _operands(hidden, weight, bias):
@@ -285,13 +279,13 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
-    kw, acc = _dot_args(hidden.dtype)
-    outs = new_outputs(targets, acc, stats)
+    kw = dict(DOT_UPCAST=INTERPRETING)
+    outs = new_outputs(targets, torch.float32, stats)
     logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
     if not stats:
         s2 = s3 = lse  # never written: STATS is off
     n_split, chunk = _num_splits(N, V, hidden.device, splits)
-    part = torch.empty((6, N, n_split), dtype=acc, device=hidden.device)
+    part = torch.empty((6, N, n_split), dtype=torch.float32, device=hidden.device)
     scale, inv_temp = scale_args(inv_temp)
     if N > 0:
         def grid(meta):
@@ -324,13 +318,13 @@ def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_ent
     h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
-    kw, acc = _dot_args(hidden.dtype)
-    g_logp = grad_logp.reshape(-1).to(acc).contiguous()
-    g_ent = grad_entropy.reshape(-1).to(acc).contiguous()
+    kw = dict(DOT_UPCAST=INTERPRETING)
+    g_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
+    g_ent = grad_entropy.reshape(-1).to(torch.float32).contiguous()
     chunk = _bwd_chunk(N, V, chunk)
     scale, inv_temp = scale_args(inv_temp)
     d_h = torch.zeros((N, D), dtype=hidden.dtype, device=h.device) if needs[0] else None
-    split_lo = hidden.dtype not in (torch.float32, torch.float64)
+    split_lo = hidden.dtype != torch.float32
     d_h_lo = torch.zeros_like(d_h) if needs[0] and split_lo else d_h
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
@@ -347,7 +341,7 @@ def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_ent
         if d_w is not None:
             torch.mm(dz.t(), h, out=d_w[c0:c0 + nc])
         if d_b is not None:
-            d_b[c0:c0 + nc] = dz.sum(0, dtype=acc)
+            d_b[c0:c0 + nc] = dz.sum(0, dtype=torch.float32)
         if d_h is not None and N > 0:
             _mm_acc_kernel[_grid2(N, D, "BLOCK_M", "BLOCK_C")](dz, w_c, d_h, d_h_lo, N, D, nc, dz.stride(0),
                                                                 w_c.stride(0), SPLIT_LO=split_lo, **kw)

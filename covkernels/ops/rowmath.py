@@ -22,11 +22,8 @@ of such rows only, as for the rare safe-mode rows.
 A block is loaded as [BLOCK_V] and split into even and odd entries, so each thread keeps half as many
 accumulator registers for the same number of elements in flight.
 """
-import torch
 import triton
 import triton.language as tl
-
-TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 LN2 = tl.constexpr(0.6931471805599453)
 # u below this adds exactly 0 to every sum (2^-1000 flushes to 0) and keeps e * u finite.
@@ -44,10 +41,9 @@ def row_offset(row, inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def load_halves(ptr, start, end, BLOCK_V: tl.constexpr, MASKED: tl.constexpr, PAIRS: tl.constexpr,
-                ACC: tl.constexpr):
-    """The entries ptr[start : start + BLOCK_V] as two ACC [BLOCK_V // 2] tensors (even, odd columns); with
-    MASKED, columns >= end are -inf (and are not read). ACC is fp32, or fp64 for fp64 logits (gradcheck).
+def load_halves(ptr, start, end, BLOCK_V: tl.constexpr, MASKED: tl.constexpr, PAIRS: tl.constexpr):
+    """The entries ptr[start : start + BLOCK_V] as two fp32 [BLOCK_V // 2] tensors (even, odd columns); with
+    MASKED, columns >= end are -inf (and are not read).
 
     PAIRS (bf16 rows at 4-byte aligned addresses, start and end even): each pair of entries is read as one
     32-bit word, whose halves become fp32 by one shift or one mask (the generic conversion takes two
@@ -60,14 +56,14 @@ def load_halves(ptr, start, end, BLOCK_V: tl.constexpr, MASKED: tl.constexpr, PA
             w = tl.load(words, mask=2 * idx < end, other=0xFF80FF80)  # two bf16 -inf
         else:
             w = tl.load(words)
-        return (w << 16).to(tl.float32, bitcast=True).to(ACC), (w & 0xFFFF0000).to(tl.float32, bitcast=True).to(ACC)
+        return (w << 16).to(tl.float32, bitcast=True), (w & 0xFFFF0000).to(tl.float32, bitcast=True)
     cols = start + tl.arange(0, BLOCK_V)
     if MASKED:
         x = tl.load(ptr + cols, mask=cols < end, other=float("-inf"))
     else:
         x = tl.load(ptr + cols)
     even, odd = tl.split(tl.reshape(x, [HALF, 2]))
-    return even.to(ACC), odd.to(ACC)
+    return even.to(tl.float32), odd.to(tl.float32)
 
 
 @triton.jit
@@ -129,7 +125,7 @@ def add_entries(x, scale, m, r, l, s1, q, q1, MODE: tl.constexpr, MASKED: tl.con
 def add_block(ptr, start, end, scale, m, l, s1, q, q1, MASKED: tl.constexpr, MODE: tl.constexpr,
               STATS: tl.constexpr, PAIRS: tl.constexpr):
     """Adds the entries ptr[start : start + BLOCK_V] to the running max m and per-element sums [BLOCK_V // 2]."""
-    even, odd = load_halves(ptr, start, end, 2 * l.shape[0], MASKED, PAIRS, l.dtype)
+    even, odd = load_halves(ptr, start, end, 2 * l.shape[0], MASKED, PAIRS)
     # max drops NaN (a NaN logit still reaches l through its own e).
     m_blk = tl.max(tl.maximum(even, odd), axis=0)
     if m_blk > m:
@@ -144,14 +140,14 @@ def add_block(ptr, start, end, scale, m, l, s1, q, q1, MASKED: tl.constexpr, MOD
 
 @triton.jit
 def row_sums(ptr, col_start, col_end, scale, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
-             PAIRS: tl.constexpr, ACC: tl.constexpr):
-    """(m, l, s1, q, q1) of the entries ptr[col_start:col_end] (ACC scalars; sums relative to the reference of
+             PAIRS: tl.constexpr):
+    """(m, l, s1, q, q1) of the entries ptr[col_start:col_end] (fp32 scalars; sums relative to the reference of
     m, the max). An empty range gives m = -inf and zero sums."""
-    m = tl.full([], float("-inf"), ACC)
-    l = tl.zeros([BLOCK_V // 2], ACC)
-    s1 = tl.zeros([BLOCK_V // 2], ACC)
-    q = tl.zeros([BLOCK_V // 2], ACC)
-    q1 = tl.zeros([BLOCK_V // 2], ACC)
+    m = tl.full([], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_V // 2], tl.float32)
+    s1 = tl.zeros([BLOCK_V // 2], tl.float32)
+    q = tl.zeros([BLOCK_V // 2], tl.float32)
+    q1 = tl.zeros([BLOCK_V // 2], tl.float32)
     # `while`, not `for ... in range(...)`: Triton 3.6's interpreter cannot take loop bounds computed in the
     # kernel.
     start = col_start
@@ -165,23 +161,22 @@ def row_sums(ptr, col_start, col_end, scale, BLOCK_V: tl.constexpr, MODE: tl.con
 
 @triton.jit(noinline=True)
 def row_sums_again(ptr, col_start, col_end, scale, BLOCK_V: tl.constexpr, MODE: tl.constexpr, STATS: tl.constexpr,
-                   PAIRS: tl.constexpr, ACC: tl.constexpr):
+                   PAIRS: tl.constexpr):
     """row_sums for the rare second read, as a function of its own: the kernel's machine code keeps only the
     common loop (and bench/sass.py counts that one)."""
-    return row_sums(ptr, col_start, col_end, scale, BLOCK_V, MODE, STATS, PAIRS, ACC)
+    return row_sums(ptr, col_start, col_end, scale, BLOCK_V, MODE, STATS, PAIRS)
 
 
 @triton.jit
-def row_sums_safe(ptr, col_start, col_end, scale, BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr,
-                  ACC: tl.constexpr):
+def row_sums_safe(ptr, col_start, col_end, scale, BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr):
     """row_sums, read again in safe mode where m * scale overflows, or clamped where a -inf entry made the
     unclamped sums NaN."""
-    m, l, s1, q, q1 = row_sums(ptr, col_start, col_end, scale, BLOCK_V, MODE_FAST, STATS, PAIRS, ACC)
+    m, l, s1, q, q1 = row_sums(ptr, col_start, col_end, scale, BLOCK_V, MODE_FAST, STATS, PAIRS)
     poisoned = s1 + q1
     if overflows(m, m * scale):
-        m, l, s1, q, q1 = row_sums_again(ptr, col_start, col_end, scale, BLOCK_V, MODE_SAFE, STATS, PAIRS, ACC)
+        m, l, s1, q, q1 = row_sums_again(ptr, col_start, col_end, scale, BLOCK_V, MODE_SAFE, STATS, PAIRS)
     elif (poisoned != poisoned) & (l == l):
-        m, l, s1, q, q1 = row_sums_again(ptr, col_start, col_end, scale, BLOCK_V, MODE_CLAMP, STATS, PAIRS, ACC)
+        m, l, s1, q, q1 = row_sums_again(ptr, col_start, col_end, scale, BLOCK_V, MODE_CLAMP, STATS, PAIRS)
     return m, l, s1, q, q1
 
 

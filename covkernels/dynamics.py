@@ -5,7 +5,6 @@ inputs, same temperature) and logs the predicted against the measured entropy ch
 The op is one read of each tensor (Triton on CUDA and under TRITON_INTERPRET=1, else chunked PyTorch),
 wrapped as a custom op so that torch.compile sees one opaque call. It is a measurement: no gradient.
 """
-import math
 from typing import NamedTuple
 
 import torch

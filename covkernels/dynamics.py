@@ -95,8 +95,10 @@ def entropy_change_from_logits(logits_before, logits_after, *, temperature=1.0, 
 
     Returns:
         EntropyChange(predicted, actual), each [...] fp32 (fp64 for fp64 logits), detached. Entries that
-        are -inf in logits_before (p = 0) add nothing to `predicted`; a NaN or +inf in a row makes that
-        row NaN. Extra memory: the outputs (O(N)), and a copy only for a layout with a strided last dim.
+        are -inf in logits_before (p = 0) add nothing to `predicted`; an entry that drops from a finite
+        value to -inf has no first-order change (`predicted` is then meaningless); a NaN or +inf in a row
+        makes that row NaN. Extra memory: the outputs (O(N)); a copy only for a layout with a strided
+        last dim or leading dims that do not merge.
 
     Example:
         >>> before = torch.randn(2, 5, 1000)

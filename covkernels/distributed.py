@@ -72,7 +72,8 @@ class CovSelection:
             equal to it on exactly on-policy data). entropy: from the same forward, for
             centering="state". old_logp, advantages, response_mask: as policy_loss. Use the mask the loss
             uses (response_mask with ignored targets removed).
-        Clip-Cov candidates exclude the tokens PPO clips at these log-probs (clip_ratio*). The rules,
+        Clip-Cov candidates exclude the tokens PPO clips at these log-probs (clip_ratio*); a ratio of 0
+        selects nothing (the collectives still run, so every rank makes the same calls). The rules,
         keys and tie-breaking are policy_loss's: with one micro-batch, policy_loss(..., selection=sel)
         equals policy_loss(...) when logp equals the log-probs policy_loss computes.
         Collectives with process_group: one all-reduce of 6 float64, plus for clip_cov / kl_cov one

@@ -11,6 +11,9 @@ must pass the same [B, T] shape (pad with masked rows). Means and N_valid come f
 few float64 sums; the top-n from one all-gather of each rank's local top-n_max candidates, where
 n_max = min(B T, max(1, floor(ratio world B T))) is known from the shapes alone, so nothing waits for
 the host beyond the collectives themselves.
+
+A ratio of 0 selects nothing (n = 0), so a schedule can anneal Clip-Cov / KL-Cov to exactly the plain
+loss; n = max(1, floor(ratio N_valid)) holds for ratio > 0 only. verl takes one token even at 0.
 """
 import torch
 import torch.distributed as dist
@@ -36,10 +39,11 @@ def masked_mean(x, valid):
 
 
 def n_select(ratio, valid=None, *, count=None):
-    """n = max(1, floor(ratio * N_valid)) as a 0-dim int64 tensor, in float64 like Python's int(r * n).
-    N_valid = valid.sum(), or `count` (a 0-dim tensor, e.g. the count over all ranks)."""
+    """n = max(1, floor(ratio * N_valid)) as a 0-dim int64 tensor, in float64 like Python's int(r * n);
+    n = 0 when ratio == 0 (a Python number, so the choice costs no sync). N_valid = valid.sum(), or
+    `count` (a 0-dim tensor, e.g. the count over all ranks)."""
     count = valid.sum() if count is None else count
-    return torch.floor(ratio * count.to(torch.float64)).clamp(min=1).to(torch.int64)
+    return torch.floor(ratio * count.to(torch.float64)).clamp(min=1 if ratio > 0 else 0).to(torch.int64)
 
 
 def _ranks(keys, eligible, descending):
@@ -63,7 +67,8 @@ def sum_over_ranks(parts, group):
 
 def topn_bound(ratio, shape, world):
     """n_max: no rank can own more than this many of the n = max(1, floor(ratio N_valid)) selected tokens,
-    since N_valid <= world * numel (equal shapes on every rank). A Python int, from shapes only."""
+    since N_valid <= world * numel (equal shapes on every rank). A Python int, from shapes only; at
+    least 1 even for ratio 0 (n = 0 then), so every call makes the same collectives whatever the ratio."""
     numel = torch.Size(shape).numel()
     # The same product as n_select, ratio * (world * numel): (ratio * world) * numel can round one lower.
     return min(numel, max(1, int(ratio * (world * numel))))
@@ -182,7 +187,7 @@ def clip_cov_select(scores, response_mask, *, ratio=2e-4, lb=1.0, ub=5.0, clippe
     """Clip-Cov: bool [B, T], the tokens whose loss and gradient are dropped.
 
     Candidates: valid, not PPO-clipped (`clipped`, bool [B, T]) and lb < C < ub (strict). Of them, the
-    n = max(1, floor(ratio * N_valid)) with the smallest keys
+    n = max(1, floor(ratio * N_valid)) with the smallest keys (none at ratio 0)
     `torch.rand(response_mask.shape, generator=generator, device=scores.device, dtype=torch.float32)`
     (drawn once per call, always), equal keys by lower flat index; all candidates if fewer than n.
     With process_group: N_valid and the n are over all ranks, and the keys are those of the whole
@@ -204,7 +209,7 @@ def clip_cov_select(scores, response_mask, *, ratio=2e-4, lb=1.0, ub=5.0, clippe
 
 def kl_cov_select(scores, response_mask, *, ratio=2e-4, process_group=None):
     """KL-Cov: bool [B, T], the n = max(1, floor(ratio * N_valid)) valid tokens with the largest signed
-    score, equal scores at the cut by lower flat index; nothing when no token is valid.
+    score, equal scores at the cut by lower flat index; nothing when no token is valid or ratio is 0.
     With process_group: over all ranks, ties by (rank, flat index); one all-reduce of 1 float64 and one
     all-gather of 2 * n_max float64 per rank (`topn_bound`)."""
     _check_shape("response_mask", response_mask, "scores", scores)

@@ -1,26 +1,35 @@
 """The bias of entropy control, measured on a tabular bandit with covkernels' own losses.
 
-Baehr & Lei (arXiv 2604.09676) argue that a dense entropy bonus moves the stationary policy to
-softmax(r / alpha), while Clip-Cov and KL-Cov (Cui et al., arXiv 2505.22617) act on a sparse set of
-high-covariance tokens and are asymptotically unbiased when their coefficient is annealed. This is the
-experiment they propose: S states x K actions with one best action per state and Bernoulli rewards; the
-parameters are the logits table itself; every update is a covkernels.PolicyLoss (PPO-clip, + entropy
-bonus, Clip-Cov, KL-Cov) with constant or annealed (covkernels.schedules, linear to 0 at mid-run)
-coefficients.
+Baehr & Lei (arXiv 2604.09676) show for a softmax policy that a dense entropy bonus moves the stationary
+policy to softmax(r / alpha), while covariance-based control (Cui et al., arXiv 2505.22617: Clip-Cov and
+KL-Cov) acts on a sparse set of high-covariance tokens and is asymptotically unbiased when its coefficient
+is annealed. The bandit, its sampling and every hyperparameter below are ours, not the papers': S states x K
+actions with one best action per state (Bernoulli mean 0.8, the others U(0, 0.7)); the parameters are the
+logits table itself; every update is a covkernels.PolicyLoss: no control (PPO-clip), entropy bonus alpha,
+Clip-Cov and KL-Cov on a fraction `ratio` of the tokens (KL-Cov beta = 1), and AEnt (Shen, arXiv 2509.03493;
+clamp fraction 0.3 and clamped-entropy band [0.05, 0.23] are the author's, lambda starts at alpha with a
+step and bounds for this bandit). "Annealed": alpha, or the ratio, goes linearly to exactly 0 at mid-run
+(a ratio of 0 selects no token), the same schedule for every method.
 
-One step: G actions per state from the current policy, rewards, leave-one-out advantages (RLOO:
-r_i - mean of the other G - 1, an unbiased baseline, so the constant-bonus fixed point is exactly
-softmax(r / alpha)), then `minibatches` SGD updates on disjoint slices of the G samples (the first on-policy,
-the rest off-policy, as verl's mini-batches). Two starts: uniform logits, and logits N(0, 1): a confident
-prior, often about a wrong action, as a pretrained model has. Clip-Cov / KL-Cov select 5 % of the tokens
-of an update (3 of 64): the LLM defaults (2e-4) would round to the minimum of one token in batches this small.
-
-A separate check runs the constant bonus with the exact expected gradient instead of samples, which must
-converge to softmax(r / alpha) (exact_fixed_point).
+Two kinds of runs:
+  sampled: G actions per state from the current policy, Bernoulli rewards, leave-one-out advantages (RLOO:
+    r_i - mean of the other G - 1, an unbiased baseline, so the constant-bonus fixed point is exactly
+    softmax(r / alpha)), then `minibatches` SGD updates on disjoint slices of the G samples (the first
+    on-policy, the rest off-policy, as verl's mini-batches). Two starts: uniform logits, and N(0, 1) logits
+    (a confident prior, often on a wrong action, as a pretrained model has).
+  exact: the expected gradient at the current policy instead of samples, one update per step. Every action
+    of every state is one token weighted K pi(a) (rollout_is_weights), with its expected reward and the exact
+    advantage r - E_pi[r]; Clip-Cov drops the probability mass infinitely many samples would. No sampling
+    noise: the end of a run is the method's stationary point (the unbiased ones approach the argmax).
+    KL-Cov's |l - l_old| has zero gradient on-policy, so its exact run is the run without control: it acts
+    only through the off-policy updates of the sampled runs.
+The sweep: exact runs of the constant bonus and of Clip-Cov over their strength (alpha, ratio); P(best)
+against entropy at the end, beside the closed form softmax(r / alpha) over alpha.
 
     python examples/bias.py [--small] [--out DIR] [--seeds N] [--steps N] [--jobs N]
 """
 import argparse
+import copy
 import json
 import os
 import time
@@ -29,11 +38,13 @@ from dataclasses import dataclass
 
 import torch
 
-from covkernels import PolicyLoss, policy_loss, schedules
+from covkernels import AEntController, PolicyLoss, logprobs_and_entropy, schedules
+from covkernels.distributed import CovSelection
 from covkernels.theory import entropy_regularized_policy
 
 METHODS = ("no control", "entropy bonus", "entropy bonus, annealed", "Clip-Cov", "Clip-Cov, annealed", "KL-Cov",
-           "KL-Cov, annealed")
+           "KL-Cov, annealed", "AEnt")
+SWEPT = ("entropy bonus", "Clip-Cov")
 METRICS = ("p_best", "regret", "entropy", "reward")
 CLOSED = "closed form softmax(r / alpha)"
 
@@ -56,20 +67,24 @@ def make_bandit(states, actions, init_std, seed):
     return Bandit(rewards, best, init)
 
 
-def loss_fns(args):
-    """method name -> PolicyLoss; annealed coefficients go linearly to 0 over the first half of the run."""
-    half = max(1, args.steps // 2)
+def loss_fns(args, steps=None, alpha=None, ratio=None):
+    """method name -> PolicyLoss; annealed coefficients go linearly to 0 over the first half of `steps`
+    (default args.steps). alpha and ratio default to args.alpha and args.cov_ratio."""
+    half = max(1, (args.steps if steps is None else steps) // 2)
+    alpha = args.alpha if alpha is None else alpha
+    ratio = args.cov_ratio if ratio is None else ratio
     cc = {"clip_cov_lb": args.clip_cov_lb, "clip_cov_ub": args.clip_cov_ub}
     return {
         "no control": PolicyLoss("ppo"),
-        "entropy bonus": PolicyLoss("ppo", entropy_coef=args.alpha),
-        "entropy bonus, annealed": PolicyLoss("ppo", entropy_coef=schedules.linear(args.alpha, 0.0, half)),
-        "Clip-Cov": PolicyLoss("clip_cov", clip_cov_ratio=args.cov_ratio, **cc),
-        "Clip-Cov, annealed": PolicyLoss("clip_cov", clip_cov_ratio=schedules.linear(args.cov_ratio, 0.0, half),
-                                         **cc),
-        "KL-Cov": PolicyLoss("kl_cov", kl_cov_ratio=args.cov_ratio, ppo_kl_coef=args.beta),
-        "KL-Cov, annealed": PolicyLoss("kl_cov", kl_cov_ratio=args.cov_ratio,
-                                       ppo_kl_coef=schedules.linear(args.beta, 0.0, half)),
+        "entropy bonus": PolicyLoss("ppo", entropy_coef=alpha),
+        "entropy bonus, annealed": PolicyLoss("ppo", entropy_coef=schedules.linear(alpha, 0.0, half)),
+        "Clip-Cov": PolicyLoss("clip_cov", clip_cov_ratio=ratio, **cc),
+        "Clip-Cov, annealed": PolicyLoss("clip_cov", clip_cov_ratio=schedules.linear(ratio, 0.0, half), **cc),
+        "KL-Cov": PolicyLoss("kl_cov", kl_cov_ratio=ratio, ppo_kl_coef=args.beta),
+        "KL-Cov, annealed": PolicyLoss("kl_cov", kl_cov_ratio=schedules.linear(ratio, 0.0, half),
+                                       ppo_kl_coef=args.beta),
+        "AEnt": PolicyLoss("ppo", aent_coef=AEntController(alpha, lr=args.aent_lr, coef_min=0.0,
+                                                           coef_max=args.aent_max)),
     }
 
 
@@ -83,15 +98,58 @@ def policy_metrics(p, bandit):
             "entropy": entropy.mean().item(), "reward": reward.mean().item()}
 
 
-def train(bandit, loss_fn, *, steps, group, minibatches, lr, seed):
-    """Trains the logits table; returns (final policy [S, K], {metric: [steps + 1] list}) (index 0 = init)."""
-    g = torch.Generator().manual_seed(seed)
-    S, K = bandit.rewards.shape
+def _sampled_updates(bandit, z, p, *, group, minibatches, g):
+    """One step's samples: per update, (rows of z, targets, old_logp, advantages, weights, selection), [S, m]."""
+    S = p.shape[0]
+    actions = torch.multinomial(p, group, replacement=True, generator=g)  # [S, G]
+    rew = torch.bernoulli(bandit.rewards.gather(1, actions), generator=g)
+    adv = (rew - rew.mean(1, keepdim=True)) * group / (group - 1)  # r_i - mean of the others
+    rows = torch.arange(S)[:, None].expand(S, group)
+    # From covkernels' own pass, as a trainer's old log-probs are: on-policy, logp - old_logp is then exactly
+    # 0, where KL-Cov's |logp - old_logp| has no gradient (one rounding apart, it would push by sign(noise)).
+    old_logp = logprobs_and_entropy(z[rows], actions)[0]
     m = group // minibatches
+    return [(rows[:, j * m:(j + 1) * m], actions[:, j * m:(j + 1) * m], old_logp[:, j * m:(j + 1) * m],
+             adv[:, j * m:(j + 1) * m], None, None) for j in range(minibatches)]
+
+
+def _exact_update(bandit, z, loss_fn, step):
+    """The expected loss of one step at pi = softmax(z): every (state, action) pair is one token of a [1, S K]
+    batch, weighted K pi(a), with its exact advantage r - E_pi[r]. Clip-Cov drops, of its candidates, the
+    probability mass `ratio` x S that infinitely many samples would: a uniform share q of each candidate,
+    in expectation its weight scaled by 1 - q. KL-Cov needs nothing of the kind: its |l - l_old| has zero
+    gradient at the current policy, whichever tokens it selects."""
+    p = torch.softmax(z, -1)
+    S, K = p.shape
+    rows, targets = torch.arange(S).repeat_interleave(K), torch.arange(K).repeat(S)
+    mass, logp = p.flatten(), logprobs_and_entropy(z[rows][None], targets[None])[0].flatten()
+    adv = (bandit.rewards - (p * bandit.rewards).sum(-1, keepdim=True)).flatten()
+    weights, sel = K * mass, None
+    config = loss_fn.config
+    if config["method"] == "clip_cov":
+        # Batch centring: the mean log-prob of infinitely many samples; their mean advantage is 0. On-policy
+        # nothing is PPO-clipped, so every pair in (lb, ub) is a candidate.
+        scores = (logp - (mass * logp).sum() / S) * adv
+        cand = (scores > config["clip_cov_lb"]) & (scores < config["clip_cov_ub"])
+        cand_mass = (mass * cand).sum()
+        budget = loss_fn.coefficients(step)["clip_cov_ratio"] * S
+        q = (budget / cand_mass).clamp(max=1.0) if cand_mass > 0 else 0.0
+        weights = weights * (1 - q * cand)
+        sel = CovSelection("clip_cov", torch.zeros(1, S * K, dtype=torch.bool), scores[None],
+                           torch.tensor(float(S * K)), torch.tensor(1.0))
+    return rows[None], targets[None], logp[None], adv[None], weights[None], sel
+
+
+def train(bandit, loss_fn, *, steps, group, minibatches, lr, seed, exact=False):
+    """Trains the logits table (sampled, or with the exact expected loss); returns (final policy [S, K],
+    {metric: [steps + 1] list}) (index 0 = init). loss_fn is copied: AEnt's controller starts afresh."""
+    loss_fn = copy.deepcopy(loss_fn)
+    controller = loss_fn.config["aent_coef"]
+    g = torch.Generator().manual_seed(seed)
+    S = bandit.rewards.shape[0]
     z = bandit.init_logits.clone().requires_grad_(True)
     # The loss is a mean over the S states: lr * S is a step of lr on each state's logits.
     opt = torch.optim.SGD([z], lr=lr * S)
-    mask = torch.ones(S, m, dtype=torch.bool)
     log = {k: [] for k in METRICS}
     for step in range(steps + 1):
         with torch.no_grad():
@@ -100,193 +158,160 @@ def train(bandit, loss_fn, *, steps, group, minibatches, lr, seed):
                 log[k].append(v)
             if step == steps:
                 break
-            actions = torch.multinomial(p, group, replacement=True, generator=g)  # [S, G]
-            rew = torch.bernoulli(bandit.rewards.gather(1, actions), generator=g)
-            adv = (rew - rew.mean(1, keepdim=True)) * group / (group - 1)  # r_i - mean of the others
-            old_logp = torch.log_softmax(z, -1).gather(1, actions)
-        for j in range(minibatches):
-            cols = slice(j * m, (j + 1) * m)
-            # One row of logits per sampled token: [S, m, K].
-            logits = z[:, None, :].expand(S, m, K).contiguous()
-            loss, _ = loss_fn(logits, actions[:, cols], old_logp[:, cols], adv[:, cols], mask, step=step,
-                              generator=g)
+            # The exact runs take the expected gradient at the current policy: one on-policy update per step.
+            updates = [_exact_update(bandit, z, loss_fn, step)] if exact else _sampled_updates(
+                bandit, z, p, group=group, minibatches=minibatches, g=g)
+        for j, (rows, targets, old_logp, adv, weights, sel) in enumerate(updates):
+            # One row of logits per token: [S, m, K] sampled, [1, S K, K] exact.
+            loss, metrics = loss_fn(z[rows], targets, old_logp, adv, torch.ones(targets.shape, dtype=torch.bool),
+                                    step=step, generator=g, rollout_is_weights=weights, selection=sel)
+            if j == 0:
+                on_policy_metrics = metrics
             opt.zero_grad()
             loss.backward()
             opt.step()
+        if isinstance(controller, AEntController):
+            controller.update(on_policy_metrics["clamped_entropy"])
     return torch.softmax(z.detach(), -1), log
 
 
-def exact_fixed_point(bandit, alpha, *, steps, lr):
-    """The constant entropy bonus with the exact expected gradient instead of samples: every action is a
-    token, weighted by K * pi (rollout_is_weights), with advantage r - E_pi[r]. Then covkernels' loss is
-    exactly -mean over states of (E_pi[r] + alpha H), and SGD on it must reach softmax(r / alpha).
-    Returns P(best action) per step ([steps + 1] list) and the final policy."""
-    S, K = bandit.rewards.shape
-    z = bandit.init_logits.clone().requires_grad_(True)
-    opt = torch.optim.SGD([z], lr=lr * S)
-    targets = torch.arange(K).expand(S, K)
-    mask = torch.ones(S, K, dtype=torch.bool)
-    p_best = []
-    for step in range(steps + 1):
-        with torch.no_grad():
-            p = torch.softmax(z, -1)
-            p_best.append(p[torch.arange(S), bandit.best].mean().item())
-            if step == steps:
-                break
-            adv = bandit.rewards - (p * bandit.rewards).sum(-1, keepdim=True)
-            old_logp = torch.log_softmax(z, -1)
-        loss, _ = policy_loss(z[:, None, :].expand(S, K, K).contiguous(), targets, old_logp, adv, mask,
-                              entropy_coef=alpha, rollout_is_weights=K * p)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return p_best, torch.softmax(z.detach(), -1)
+def _tv(p, q):
+    return 0.5 * (p - q).abs().sum(-1).mean().item()
 
 
-def _run_seed(args, init_std, seed):
-    """Every method on one seed's bandit: {method: (log, TV to softmax(r / alpha))}, closed-form metrics."""
+def _job(args, name, seed, init_std=0.0, exact=False, strength=None):
+    """One run: its log, the TV distance of its final policy to softmax(r / alpha), and the closed form's metrics."""
     torch.set_num_threads(1)
-    fns = loss_fns(args)
+    steps = args.exact_steps if exact else args.steps
+    alpha = strength if strength is not None and name.startswith("entropy bonus") else args.alpha
+    ratio = strength if strength is not None and not name.startswith("entropy bonus") else args.cov_ratio
     bandit = make_bandit(args.states, args.actions, init_std, seed)
-    q = entropy_regularized_policy(bandit.rewards, args.alpha).float()
-    out = {}
-    for name in METHODS:
-        final, log = train(bandit, fns[name], steps=args.steps, group=args.group, minibatches=args.minibatches,
-                           lr=args.lr, seed=seed)
-        out[name] = (log, 0.5 * (final - q).abs().sum(-1).mean().item())
-    return out, policy_metrics(q, bandit)
+    final, log = train(bandit, loss_fns(args, steps, alpha, ratio)[name], steps=steps, group=args.group,
+                       minibatches=args.minibatches, lr=args.exact_lr if exact else args.lr, seed=seed, exact=exact)
+    q = entropy_regularized_policy(bandit.rewards, alpha).float()
+    return log, _tv(final, q), policy_metrics(q, bandit)
 
 
 def _mean(xs):
     return sum(xs) / len(xs)
 
 
-def run(args, init_std):
-    """Every method on every seed from initial logits N(0, init_std^2); table rows and mean curves."""
-    jobs = [(args, init_std, seed) for seed in range(args.seeds)]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs) as pool:
-            per_seed = list(pool.map(_run_seed, *zip(*jobs)))
-    else:
-        per_seed = [_run_seed(*job) for job in jobs]
+def _table(args, results):
+    """Rows (final metrics: mean and std over seeds, mean regret over training, TV) and mean curves of one
+    set of runs {(method, seed): (log, tv, closed)}."""
     rows, curves = {}, {}
     for name in METHODS:
-        logs = [out[name][0] for out, _ in per_seed]
-        final = torch.tensor([[log[k][-1] for k in METRICS] for log in logs], dtype=torch.float64)
+        runs = [results[name, seed] for seed in range(args.seeds)]
+        final = torch.tensor([[log[k][-1] for k in METRICS] for log, _, _ in runs], dtype=torch.float64)
         std = final.std(0) if args.seeds > 1 else torch.zeros(len(METRICS), dtype=torch.float64)
         rows[name] = {k: final[:, i].mean().item() for i, k in enumerate(METRICS)}
         rows[name].update({k + "_std": std[i].item() for i, k in enumerate(METRICS)})
-        rows[name]["mean_regret"] = _mean([_mean(log["regret"]) for log in logs])
-        rows[name]["tv_closed_form"] = _mean([out[name][1] for out, _ in per_seed])
-        curves[name] = {k: [round(v, 6) for v in torch.tensor([log[k] for log in logs]).mean(0).tolist()]
+        rows[name]["mean_regret"] = _mean([_mean(log["regret"]) for log, _, _ in runs])
+        rows[name]["tv_closed_form"] = _mean([tv for _, tv, _ in runs])
+        curves[name] = {k: [round(v, 6) for v in torch.tensor([log[k] for log, _, _ in runs]).mean(0).tolist()]
                         for k in METRICS}
-    rows[CLOSED] = {k: _mean([closed[k] for _, closed in per_seed]) for k in METRICS}
-    return {"init_std": init_std, "rows": rows, "curves": curves}
+    rows[CLOSED] = {k: _mean([results[METHODS[0], s][2][k] for s in range(args.seeds)]) for k in METRICS}
+    rows[CLOSED]["tv_closed_form"] = 0.0
+    return {"rows": rows, "curves": curves}
 
 
-def run_exact(args):
-    """exact_fixed_point from uniform logits on every seed's bandit: P(best) curve (mean), TV and max error."""
-    curves, tv, err, p_closed = [], [], [], []
-    for seed in range(args.seeds):
-        bandit = make_bandit(args.states, args.actions, 0.0, seed)
-        q = entropy_regularized_policy(bandit.rewards, args.alpha).float()
-        p_best, final = exact_fixed_point(bandit, args.alpha, steps=args.exact_steps, lr=args.exact_lr)
-        curves.append(p_best)
-        tv.append(0.5 * (final - q).abs().sum(-1).mean().item())
-        err.append((final - q).abs().max().item())
-        p_closed.append(policy_metrics(q, bandit)["p_best"])
-    return {"p_best": torch.tensor(curves).mean(0).tolist(), "tv": _mean(tv), "max_abs_err": max(err),
-            "p_best_closed_form": _mean(p_closed)}
+def run(args):
+    """Every run of the study, in `args.jobs` processes. Returns the sampled tables (one per initial-logit
+    scale), the exact table (uniform start) and the sweep."""
+    jobs = {("sampled", s, name, seed): dict(init_std=s) for s in args.init_std for name in METHODS
+            for seed in range(args.seeds)}
+    jobs.update({("exact", 0.0, name, seed): dict(exact=True) for name in METHODS for seed in range(args.seeds)})
+    jobs.update({("sweep", x, name, seed): dict(exact=True, strength=x) for name in SWEPT
+                 for x in (args.sweep_alpha if name == "entropy bonus" else args.sweep_ratio)
+                 for seed in range(args.sweep_seeds)})
+    calls = [(args, key[2], key[3]) for key in jobs]
+    kwargs = list(jobs.values())
+    if args.jobs > 1:
+        with ProcessPoolExecutor(args.jobs) as pool:
+            outs = list(pool.map(_call, calls, kwargs))
+    else:
+        outs = [_call(c, k) for c, k in zip(calls, kwargs)]
+    done = dict(zip(jobs, outs))
+    sampled = [{"init_std": s, **_table(args, {(n, seed): v for (kind, x, n, seed), v in done.items()
+                                               if kind == "sampled" and x == s})} for s in args.init_std]
+    exact = _table(args, {(n, seed): v for (kind, _, n, seed), v in done.items() if kind == "exact"})
+    sweep = {name: [{"strength": x, **{k: _mean([done["sweep", x, name, seed][0][k][-1]
+                                                 for seed in range(args.sweep_seeds)]) for k in METRICS}}
+                     for x in (args.sweep_alpha if name == "entropy bonus" else args.sweep_ratio)] for name in SWEPT}
+    sweep[CLOSED] = closed_form_curve(args)
+    return sampled, exact, sweep
 
 
-def print_table(result, args):
-    print(f"\nInitial logits N(0, {result['init_std']:g}^2). {args.seeds} seeds x {args.states} states x "
-          f"{args.actions} actions; {args.steps} steps of {args.group} samples per state in {args.minibatches} "
-          f"updates; lr {args.lr}, alpha {args.alpha}, Clip-Cov / KL-Cov ratio {args.cov_ratio}, KL-Cov beta "
-          f"{args.beta}. Final policy, mean +- std over seeds; TV = total variation to softmax(r / alpha).")
-    print("| method | P(best action) | regret | entropy | mean regret over training | TV |")
+def _call(call, kwargs):
+    return _job(*call, **kwargs)
+
+
+def closed_form_curve(args):
+    """softmax(r / alpha) over a log grid of alpha, metrics averaged over the sweep's bandits."""
+    points = []
+    for alpha in torch.logspace(-3, 0.5, 40).tolist():
+        ms = [policy_metrics(entropy_regularized_policy(b.rewards, alpha).float(), b)
+              for b in (make_bandit(args.states, args.actions, 0.0, seed) for seed in range(args.sweep_seeds))]
+        points.append({"strength": alpha, **{k: _mean([m[k] for m in ms]) for k in METRICS}})
+    return points
+
+
+def print_table(title, table):
+    print(f"\n{title}")
+    print("| method | P(best action) | regret | entropy | mean regret over training | TV to softmax(r / alpha) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, row in result["rows"].items():
+    for name, row in table["rows"].items():
         if name == CLOSED:
-            print(f"| {name} | {row['p_best']:.3f} | {row['regret']:.4f} | {row['entropy']:.3f} | | 0 |")
+            print(f"| {name} | {row['p_best']:.4f} | {row['regret']:.4f} | {row['entropy']:.3f} | | 0 |")
             continue
-        print(f"| {name} | {row['p_best']:.3f} +- {row['p_best_std']:.3f} | {row['regret']:.4f} +- "
-              f"{row['regret_std']:.4f} | {row['entropy']:.3f} +- {row['entropy_std']:.3f} | "
-              f"{row['mean_regret']:.4f} | {row['tv_closed_form']:.3f} |")
+        print(f"| {name} | {row['p_best']:.4f} +- {row['p_best_std']:.4f} | {row['regret']:.4f} | "
+              f"{row['entropy']:.3f} +- {row['entropy_std']:.3f} | {row['mean_regret']:.4f} | "
+              f"{row['tv_closed_form']:.4f} |")
 
 
-def print_exact(exact, args):
-    print(f"\nConstant bonus with the exact expected gradient ({args.exact_steps} steps, lr {args.exact_lr}, from "
-          f"uniform logits): P(best) {exact['p_best'][-1]:.4f} vs softmax(r / alpha) "
-          f"{exact['p_best_closed_form']:.4f}; TV {exact['tv']:.2e}, max |pi - softmax(r / alpha)| "
-          f"{exact['max_abs_err']:.2e}")
-
-
-STYLES = {"no control": ("k", "-"), "entropy bonus": ("C0", "-"), "entropy bonus, annealed": ("C0", "--"),
-          "Clip-Cov": ("C1", "-"), "Clip-Cov, annealed": ("C1", "--"), "KL-Cov": ("C2", "-"),
-          "KL-Cov, annealed": ("C2", "--")}
-
-
-def plot(results, exact, args, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = ("p_best", "regret", "entropy")
-    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.3 * len(results)), squeeze=False)
-    for row_axes, result in zip(axes, results):
-        for name, curve in result["curves"].items():
-            color, ls = STYLES[name]
-            for ax, key in zip(row_axes, keys):
-                ax.plot(curve[key], color=color, ls=ls, lw=1.2, label=name)
-        if result["init_std"] == 0:
-            row_axes[0].plot(range(args.steps + 1), exact["p_best"][:args.steps + 1], color="C0", ls=":", lw=1.5,
-                             label=f"entropy bonus, exact gradient (lr {args.exact_lr:g})")
-        closed = result["rows"][CLOSED]
-        for ax, key in zip(row_axes, keys):
-            ax.axhline(closed[key], color="0.5", lw=0.8, ls=":", label="softmax(r / alpha)")
-            ax.set_xlabel("step")
-        row_axes[0].set_ylabel(f"P(best action)\ninit N(0, {result['init_std']:g}^2)")
-        row_axes[1].set_ylabel("regret  r* - E[r]")
-        row_axes[1].set_yscale("log")
-        row_axes[2].set_ylabel("entropy (nats)")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Bandit, {args.states} states x {args.actions} actions, mean of {args.seeds} seeds "
-                 f"(alpha = {args.alpha}; annealed: linear to 0 at step {args.steps // 2})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+def print_sweep(sweep):
+    print("\nSweep (exact runs, end of run): strength -> P(best), entropy")
+    print("| method | strength | P(best action) | entropy |")
+    print("|---|---:|---:|---:|")
+    for name in SWEPT:
+        for pt in sweep[name]:
+            print(f"| {name} | {pt['strength']:g} | {pt['p_best']:.4f} | {pt['entropy']:.3f} |")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--small", "--quick", action="store_true", help="CI size: 2 seeds, 150 steps, uniform start only")
-    p.add_argument("--out", default=None, help="directory for bias.png and bias.json (default: none written)")
+    p.add_argument("--out", default=None, help="directory for bias.png, bias_sweep.png and bias.json")
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--states", type=int, default=16)
     p.add_argument("--actions", type=int, default=20)
     p.add_argument("--group", type=int, default=16, help="samples per state and step (G)")
-    p.add_argument("--minibatches", type=int, default=4, help="updates per step, on disjoint slices of G")
+    p.add_argument("--minibatches", type=int, default=4, help="updates per sampled step, on disjoint slices of G")
     p.add_argument("--lr", type=float, default=1.0, help="SGD step on each state's logits")
     p.add_argument("--init-std", type=float, nargs="+", default=[0.0, 1.0],
-                   help="std of the initial logits (one table per value; 0 = uniform)")
-    p.add_argument("--alpha", type=float, default=0.05, help="entropy bonus coefficient")
+                   help="std of the initial logits of the sampled runs (one table per value; 0 = uniform)")
+    p.add_argument("--alpha", type=float, default=0.05, help="entropy bonus coefficient (and AEnt's first lambda)")
     p.add_argument("--cov-ratio", type=float, default=0.05, help="Clip-Cov / KL-Cov fraction of tokens")
     p.add_argument("--clip-cov-lb", type=float, default=1.0)
     p.add_argument("--clip-cov-ub", type=float, default=5.0)
     p.add_argument("--beta", type=float, default=1.0, help="KL-Cov coefficient (ppo_kl_coef)")
-    p.add_argument("--exact-steps", type=int, default=2000, help="steps of the exact-gradient check")
-    p.add_argument("--exact-lr", type=float, default=16.0, help="lr of the exact-gradient check")
-    p.add_argument("--jobs", type=int, default=1, help="processes (one seed each)")
+    p.add_argument("--aent-lr", type=float, default=0.01, help="AEnt's controller step")
+    p.add_argument("--aent-max", type=float, default=0.5, help="AEnt's largest lambda")
+    p.add_argument("--exact-steps", type=int, default=2000, help="steps of the exact runs")
+    p.add_argument("--exact-lr", type=float, default=16.0, help="lr of the exact runs (one update per step)")
+    p.add_argument("--sweep-alpha", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    p.add_argument("--sweep-ratio", type=float, nargs="+", default=[0.01, 0.02, 0.05, 0.1, 0.2])
+    p.add_argument("--sweep-seeds", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=1, help="processes (one run each)")
     args = p.parse_args(argv)
     if args.small:
         args.seeds, args.steps, args.init_std, args.exact_steps = 2, 150, [0.0], 300
+        args.sweep_alpha, args.sweep_ratio, args.sweep_seeds = [0.02, 0.2], [0.02, 0.2], 1
     if args.group < 2 or args.group % args.minibatches:
         p.error("--group must be >= 2 and a multiple of --minibatches")
-    if args.seeds < 1 or args.steps < 1 or args.exact_steps < 1:
-        p.error("--seeds, --steps and --exact-steps must be >= 1")
+    if min(args.seeds, args.steps, args.exact_steps, args.sweep_seeds) < 1:
+        p.error("--seeds, --steps, --exact-steps and --sweep-seeds must be >= 1")
     return args
 
 
@@ -295,18 +320,25 @@ def main(argv=None):
     # Tensors of a few hundred elements: one thread avoids OpenMP overheads (and oversubscription).
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results = [run(args, init_std) for init_std in args.init_std]
-    exact = run_exact(args)
-    for result in results:
-        print_table(result, args)
-    print_exact(exact, args)
+    sampled, exact, sweep = run(args)
+    setup = (f"{args.seeds} seeds x {args.states} states x {args.actions} actions; alpha {args.alpha}, Clip-Cov / "
+             f"KL-Cov ratio {args.cov_ratio}, KL-Cov beta {args.beta}; mean +- std over seeds")
+    for table in sampled:
+        print_table(f"Sampled, initial logits N(0, {table['init_std']:g}^2): {args.steps} steps of {args.group} "
+                    f"samples per state in {args.minibatches} updates, lr {args.lr}; {setup}.", table)
+    print_table(f"Exact expected gradient, uniform start: {args.exact_steps} steps of one update, lr "
+                f"{args.exact_lr}; {setup}.", exact)
+    print_sweep(sweep)
     print(f"({time.perf_counter() - t0:.1f} s)")
     if args.out:
+        from bias_plots import plot_curves, plot_sweep
+
         os.makedirs(args.out, exist_ok=True)
-        plot(results, exact, args, os.path.join(args.out, "bias.png"))
+        plot_curves(sampled, exact, args, os.path.join(args.out, "bias.png"))
+        plot_sweep(sweep, exact, args, os.path.join(args.out, "bias_sweep.png"))
         with open(os.path.join(args.out, "bias.json"), "w") as f:
-            json.dump({"args": vars(args), "results": results, "exact": exact}, f)
-    return {"results": results, "exact": exact}
+            json.dump({"args": vars(args), "results": sampled, "exact": exact, "sweep": sweep}, f)
+    return {"results": sampled, "exact": exact, "sweep": sweep}
 
 
 if __name__ == "__main__":

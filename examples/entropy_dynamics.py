@@ -6,15 +6,20 @@ lr A (e_t - p)) or of the natural gradient (lr A e_t / p_t) is taken, and the en
 is compared with covkernels.entropy_change (kind "pg" / "npg"). The prediction is first order, so its error
 must shrink like the step squared: the table halves the step twice.
 
-Part 2, a tiny causal LM (transformers LlamaConfig, random weights, no download), trained for a few hundred
-steps on a random sparse bigram chain so that its entropy (~2 nats) is that of a language model rather
-than log V. It samples responses; their reward is the mean of a fixed random score of their tokens, with
-group-normalised advantages; one SGD step on covkernels.policy_loss (on-policy PPO = the token-mean policy
-gradient). Parameters are shared between tokens, so the tabular formula, which assumes each state moves
-only its own logits, is a model, not an identity. Compared with the measured change of every token's entropy:
-  - token-local "pg" (SPEC section 4, at the step lr / N each token's logits would take if they were free),
-  - Cui et al.'s covariance score (l - mean l)(A - mean A), per token and as the batch mean,
-  - the exact first-order change in parameter space, -Cov_p(log p, J dtheta), from a Jacobian-vector product.
+Part 2, a tiny causal LM (transformers LlamaConfig: 2 layers, V = 256, random weights, no download, float64),
+trained briefly on a random sparse bigram chain so that its entropy (~2 nats) is that of a language model
+rather than log V. Each trial samples a batch of responses (reward: the mean of a fixed random score of their
+tokens; group-normalised advantages) and takes one SGD step on covkernels.policy_loss (on-policy PPO = the
+token-mean policy gradient) from the same weights, at three step sizes. The logits of every response token
+are computed before and after the step, on the trained batch and on a held-out batch of responses that the
+step never saw, and covkernels.entropy_change_from_logits gives each token's measured entropy change and Cui
+et al.'s Lemma 1 with the ACTUAL logit change, -Cov_p(log p, dz). Beside it, three heuristics that do not
+see dz, each at its best scale, since on a network that shares its parameters between tokens they are off by
+one to two orders of magnitude:
+  - token-local pg (SPEC section 4, `entropy_change`): the tabular step lr / N on each token's own logits,
+  - token-local npg, (l + H) A,
+  - Cui et al.'s selection score for Clip-Cov / KL-Cov (their Eq. 10, as verl computes it),
+    (l - mean l)(A - mean A), batch-centred.
 
     python examples/entropy_dynamics.py [--small] [--out DIR]
 """
@@ -25,7 +30,8 @@ import time
 
 import torch
 
-from covkernels import cov_scores, entropy_change, logprobs_and_entropy, policy_loss, token_stats
+from covkernels import (cov_scores, entropy_change, entropy_change_from_logits, logprobs_and_entropy, policy_loss,
+                        token_stats)
 
 
 def entropy(logits):
@@ -56,7 +62,7 @@ def tabular(states, vocab, moves, seed=0, init_std=2.0):
     (-(adv * logp).sum()).backward()
     directions = {"pg": -zg.grad, "npg": torch.zeros_like(z)}
     directions["npg"][torch.arange(states), t] = adv / stats.p_target
-    rows, scatter = [], {}
+    rows = []
     for kind, d in directions.items():
         prev = None
         for move in moves:
@@ -68,9 +74,7 @@ def tabular(states, vocab, moves, seed=0, init_std=2.0):
                          "rel_err": rel_err(measured, predicted),
                          "err_ratio": None if prev is None else prev / err, "corr": corr(measured, predicted)})
             prev = err
-            if move == moves[0]:
-                scatter[kind] = (measured, predicted)
-    return {"rows": rows, "scatter": scatter, "entropy": h0.mean().item(),
+    return {"rows": rows, "entropy": h0.mean().item(),
             "p_target_median": stats.p_target.median().item()}
 
 
@@ -113,71 +117,87 @@ def tiny_lm(vocab, pretrain_steps, seed):
     return model.double().eval(), chain
 
 
-def lm_trial(model, chain, score, batch, prompt, length, lrs, g):
-    """One batch of responses, one SGD step per lr from the same weights; per-token measured and predicted."""
-    from torch.func import functional_call, jvp
-
+def sample_responses(model, chain, batch, prompt, length, g):
+    """[batch, prompt + length] token ids: prompts from the chain, responses sampled from the model."""
     ids = sample_chain(chain, batch, prompt, g)
     with torch.no_grad():
         for _ in range(length):
             p = torch.softmax(model(ids).logits[:, -1], -1)
             ids = torch.cat([ids, torch.multinomial(p, 1, generator=g)], 1)
+    return ids
+
+
+def lm_trial(model, chain, score, args, g):
+    """One batch of responses, one SGD step per lr from the same weights. Per response token of the trained
+    batch and of a held-out batch: the measured entropy change, Lemma 1 with the actual dz, the heuristics."""
+    from torch.func import functional_call
+
+    prompt = 4
+    ids = sample_responses(model, chain, args.batch, prompt, args.length, g)
+    held = sample_responses(model, chain, args.batch, prompt, args.length, g)
     targets = ids[:, prompt:]
     reward = score[targets].mean(1)
     adv = ((reward - reward.mean()) / (reward.std() + 1e-6))[:, None].expand_as(targets).contiguous()
     mask = torch.ones_like(targets, dtype=torch.bool)
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def logits_of(p):
-        return functional_call(model, p, (ids,)).logits[:, prompt - 1:-1]
+    def logits_of(p, x):
+        with torch.no_grad():
+            return functional_call(model, p, (x,)).logits[:, prompt - 1:-1]
 
-    logits = logits_of(params)
-    stats = token_stats(logits, targets)
+    before = {"trained": logits_of(params, ids), "held-out": logits_of(params, held)}
+    stats = token_stats(before["trained"], targets)
     live = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     # On-policy PPO (old_logp = logp, ratio 1, nothing clipped) is the token-mean policy gradient.
-    loss, _ = policy_loss(logits_of(live), targets, stats.logp.detach(), adv, mask)
+    logits = functional_call(model, live, (ids,)).logits[:, prompt - 1:-1]
+    loss, _ = policy_loss(logits, targets, stats.logp.detach(), adv, mask)
     grads = dict(zip(live, torch.autograd.grad(loss, list(live.values()))))
     n = targets.numel()
-    logp_all = torch.log_softmax(logits.detach(), -1)
-    h0 = stats.entropy.detach()
-    # The logit change to first order, J dtheta, for a unit step (it is linear in lr).
-    _, dz = jvp(logits_of, (params,), ({k: -v for k, v in grads.items()},))
-    linear = -(logp_all.exp() * (logp_all + h0[..., None]) * dz.detach()).sum(-1).flatten()
-    cov = cov_scores(stats.logp, adv, mask)  # (l - mean l)(A - mean A), batch-centred as verl
+    score_eq10 = cov_scores(stats.logp, adv, mask)  # (l - mean l)(A - mean A), batch-centred as verl
     out = []
-    for lr in lrs:
-        with torch.no_grad():
-            measured = entropy(logits_of({k: params[k] - lr * grads[k] for k in params})) - h0
-        out.append({"measured": measured.flatten(), "jvp": lr * linear,
-                    "pg": entropy_change(stats, adv, kind="pg", lr=lr / n).flatten(),
-                    "npg": entropy_change(stats, adv, kind="npg", lr=lr / n).flatten(),
-                    "cov": -(lr / n) * cov.flatten(),
-                    "entropy": h0.mean().item()})
+    for lr in args.lm_lrs:
+        stepped = {k: params[k] - lr * grads[k] for k in params}
+        row = {"entropy": stats.entropy.mean().item()}
+        for name, x in (("trained", ids), ("held-out", held)):
+            change = entropy_change_from_logits(before[name], logits_of(stepped, x))
+            row[name] = {"measured": change.actual.flatten(), "lemma1": change.predicted.flatten()}
+        row["trained"].update(pg=entropy_change(stats, adv, kind="pg", lr=lr / n).flatten(),
+                              npg=entropy_change(stats, adv, kind="npg", lr=lr / n).flatten(),
+                              eq10=-(lr / n) * score_eq10.flatten())
+        out.append(row)
     return out
+
+
+def _fit(measured, predicted):
+    """corr, scale c = argmin |measured - c predicted|, relative errors before and after scaling."""
+    c = (predicted @ measured / (predicted @ predicted)).item()
+    return {"corr": corr(measured, predicted), "scale": c, "rel_err": rel_err(measured, predicted),
+            "rel_err_scaled": rel_err(measured, c * predicted)}
 
 
 def lm_study(args):
     model, chain = tiny_lm(args.lm_vocab, args.pretrain_steps, args.seed)
     g = torch.Generator().manual_seed(args.seed + 1)
     score = torch.randn(args.lm_vocab, generator=g, dtype=torch.float64)
-    trials = [lm_trial(model, chain, score, args.batch, 4, args.length, args.lm_lrs, g) for _ in range(args.trials)]
+    trials = [lm_trial(model, chain, score, args, g) for _ in range(args.trials)]
     rows = []
     for i, lr in enumerate(args.lm_lrs):
-        cat = {k: torch.cat([t[i][k] for t in trials]) for k in ("measured", "jvp", "pg", "npg", "cov")}
-        means = {k: torch.stack([t[i][k].mean() for t in trials]) for k in cat}
-        for k in ("jvp", "pg", "npg", "cov"):
-            x, y = cat[k], cat["measured"]
-            scale = (x @ y / (x @ x)).item()
-            rows.append({"lr": lr, "predictor": k, "corr": corr(y, x), "rel_err": rel_err(y, x), "scale": scale,
-                         "rel_err_scaled": rel_err(y, scale * x), "batch_corr": corr(means["measured"], means[k]),
-                         "batch_rel_err": rel_err(means["measured"], means[k])})
-    return {"rows": rows, "entropy": sum(t[0]["entropy"] for t in trials) / len(trials),
-            "scatter": {k: torch.cat([t[0][k] for t in trials]) for k in ("measured", "jvp", "pg", "cov")},
-            "batch": {k: torch.stack([t[0][k].mean() for t in trials]) for k in ("measured", "pg", "cov")}}
+        for states in ("trained", "held-out"):
+            for k in PREDICTORS if states == "trained" else ("lemma1",):
+                y = torch.cat([t[i][states]["measured"] for t in trials])
+                x = torch.cat([t[i][states][k] for t in trials])
+                means = [torch.stack([t[i][states][key].mean() for t in trials]) for key in ("measured", k)]
+                rows.append({"lr": lr, "states": states, "predictor": k, **_fit(y, x),
+                             "batch_corr": corr(*means)})
+    # Per lr: {states: {"measured" / predictor: [all tokens of all trials]}}, for the figure.
+    tokens = [{s: {k: torch.cat([t[i][s][k] for t in trials]) for k in trials[0][i][s]} for s in ("trained", "held-out")}
+              for i in range(len(args.lm_lrs))]
+    return {"rows": rows, "entropy": sum(t[0]["entropy"] for t in trials) / len(trials), "tokens": tokens}
 
 
-NAMES = {"jvp": "exact first order (JVP)", "pg": "token-local pg (SPEC 4)", "npg": "token-local npg, (l + H) A",
-         "cov": "Cui et al. cov (l - l_bar)(A - A_bar)"}
+PREDICTORS = ("lemma1", "pg", "npg", "eq10")
+NAMES = {"lemma1": "Lemma 1 with the actual dz, -Cov(log p, dz)", "pg": "heuristic: token-local pg (SPEC 4)",
+         "npg": "heuristic: token-local npg, (l + H) A", "eq10": "heuristic: Eq. 10 score (l - l_bar)(A - A_bar)"}
 
 
 def print_tabular(res, args):
@@ -193,13 +213,19 @@ def print_tabular(res, args):
 
 def print_lm(res, args):
     print(f"\nTiny causal LM (V = {args.lm_vocab}, mean entropy {res['entropy']:.2f} nats): {args.trials} batches of "
-          f"{args.batch} x {args.length} tokens, one SGD step each from the same weights")
-    print("| lr | predictor | corr. per token | rel. error | best scale c | rel. error of c x pred | "
-          "corr. of batch means | rel. error of batch means |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
+          f"{args.batch} x {args.length} response tokens, one SGD step each from the same weights; held-out = "
+          f"another batch of responses per trial, not in the loss. Scale c = the least-squares factor on the prediction.")
+    print("| lr | states | predictor | corr. per token | scale c | rel. error | rel. error of c x pred | "
+          "corr. of batch means |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     for r in res["rows"]:
-        print(f"| {r['lr']:g} | {NAMES[r['predictor']]} | {r['corr']:.3f} | {r['rel_err']:.3g} | {r['scale']:.3g} | "
-              f"{r['rel_err_scaled']:.3f} | {r['batch_corr']:.3f} | {r['batch_rel_err']:.3g} |")
+        print(f"| {r['lr']:g} | {r['states']} | {NAMES[r['predictor']]} | {r['corr']:.5f} | {r['scale']:.4g} | "
+              f"{r['rel_err']:.3g} | {r['rel_err_scaled']:.3f} | {r['batch_corr']:.3f} |")
+
+
+def _identity(ax, x, y):
+    lim = [min(x.min(), y.min()).item(), max(x.max(), y.max()).item()]
+    ax.plot(lim, lim, "k--", lw=0.8)
 
 
 def plot(tab, lm, args, path):
@@ -208,14 +234,41 @@ def plot(tab, lm, args, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.9))
-    meas, pred = tab["scatter"]["pg"]
-    ax = axes[0]
-    ax.scatter(meas, pred, s=4, alpha=0.5)
-    lim = [min(meas.min(), pred.min()).item(), max(meas.max(), pred.max()).item()]
-    ax.plot(lim, lim, "k--", lw=0.8)
-    ax.set(xlabel="measured dH", ylabel="predicted dH (pg)", title=f"tabular, max|dz| = {args.moves[0]:g}")
-    ax = axes[1]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    if lm is not None:
+        ax = axes[0]
+        for states, color in (("trained", "C0"), ("held-out", "C1")):
+            d = lm["tokens"][0][states]
+            ax.scatter(d["measured"], d["lemma1"], s=3, alpha=0.5, color=color, label=f"{states} states")
+            _identity(ax, d["measured"], d["lemma1"])
+        ax.set(xlabel="measured dH per token", ylabel="-Cov(log p, dz), actual dz",
+               title=f"tiny LM, Lemma 1, lr = {args.lm_lrs[0]:g}")
+        ax.legend(fontsize=7, markerscale=3)
+        ax = axes[1]
+        for states, color in (("trained", "C0"), ("held-out", "C1")):
+            errs = [r["rel_err"] for r in lm["rows"] if r["states"] == states and r["predictor"] == "lemma1"]
+            ax.loglog(args.lm_lrs, errs, "o-", color=color, label=states)
+        x = torch.tensor(args.lm_lrs)
+        first = next(r["rel_err"] for r in lm["rows"] if r["predictor"] == "lemma1")
+        ax.loglog(x, first * x / x[0], "k:", lw=0.8, label="slope 1")
+        ax.set_xticks(args.lm_lrs, [f"{v:g}" for v in args.lm_lrs])
+        ax.minorticks_off()
+        ax.set(xlabel="lr", ylabel="relative error of Lemma 1", title="tiny LM: error vs step")
+        ax.legend(fontsize=7)
+        ax = axes[2]
+        d = lm["tokens"][0]["trained"]
+        for k, color in (("pg", "C2"), ("npg", "C3"), ("eq10", "C4")):
+            c = next(r["scale"] for r in lm["rows"] if r["predictor"] == k)
+            ax.scatter(d["measured"], c * d[k], s=3, alpha=0.4, color=color, label=f"{NAMES[k]} x {c:.3g}")
+        _identity(ax, d["measured"], d["measured"])
+        ax.set(xlabel="measured dH per token", ylabel="heuristic x best scale c",
+               title="tiny LM, heuristics (no dz), trained states")
+        ax.legend(fontsize=6, markerscale=3)
+    else:
+        axes[0].axis("off")
+        axes[1].axis("off")
+        axes[2].axis("off")
+    ax = axes[3]
     x = torch.tensor(args.moves)
     for kind, color in (("pg", "C0"), ("npg", "C1")):
         rows = [r for r in tab["rows"] if r["kind"] == kind]
@@ -223,30 +276,8 @@ def plot(tab, lm, args, path):
         ax.loglog(x, rows[0]["rms_err"] * (x / x[0]) ** 2, "k:", lw=0.8, label="slope 2" if kind == "pg" else None)
     ax.set_xticks(args.moves, [f"{m:g}" for m in args.moves])
     ax.minorticks_off()
-    ax.set(xlabel="max |dz| of the step", ylabel="rms error of predicted dH", title="tabular: error vs step")
+    ax.set(xlabel="max |dz| of the step", ylabel="rms error of predicted dH", title="tabular softmax: error vs step")
     ax.legend(fontsize=7)
-    if lm is not None:
-        ax = axes[2]
-        s = lm["scatter"]
-        c = next(r["scale"] for r in lm["rows"] if r["predictor"] == "pg")
-        ax.scatter(s["measured"], c * s["pg"], s=3, alpha=0.4, color="C1", label=f"token-local pg x {c:.2g}")
-        ax.scatter(s["measured"], s["jvp"], s=2, alpha=0.8, color="C0", label="exact first order (JVP)")
-        lim = [s["measured"].min().item(), s["measured"].max().item()]
-        ax.plot(lim, lim, "k--", lw=0.8)
-        ax.set(xlabel="measured dH per token", ylabel="predicted", title=f"tiny LM, lr = {args.lm_lrs[0]:g}")
-        ax.legend(fontsize=7, markerscale=3)
-        ax = axes[3]
-        b = lm["batch"]
-        for k, color in (("pg", "C1"), ("cov", "C2")):
-            c = (b[k] @ b["measured"] / (b[k] @ b[k])).item()
-            ax.scatter(b["measured"], c * b[k], s=12, color=color, label=f"{NAMES[k]} x {c:.2g}")
-        lim = [b["measured"].min().item(), b["measured"].max().item()]
-        ax.plot(lim, lim, "k--", lw=0.8)
-        ax.set(xlabel="measured mean dH of a batch", ylabel="predicted (best scale)", title="tiny LM, batch means")
-        ax.legend(fontsize=7)
-    else:
-        axes[2].axis("off")
-        axes[3].axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -261,7 +292,7 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=2048, help="actions per state of the tabular policy")
     p.add_argument("--moves", type=float, nargs="+", default=[0.4, 0.2, 0.1], help="max |dz| of the steps")
     p.add_argument("--no-lm", action="store_true", help="skip the tiny LM (needs transformers)")
-    p.add_argument("--lm-vocab", type=int, default=1024)
+    p.add_argument("--lm-vocab", type=int, default=256)
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--trials", type=int, default=32, help="batches of responses (one step each)")
     p.add_argument("--batch", type=int, default=8, help="responses per batch")

@@ -124,7 +124,8 @@ def token_loss(logp, old_logp, advantages, response_mask, *, entropy=None, metho
                   exclude the PPO-clipped ones (pg2 > pg1). No dual clip, no clamp.
       "kl_cov":   loss_i = pg1 + ppo_kl_coef |logp - old_logp| at `kl_cov_select` tokens. No clipping.
     Selections use `cov_scores(..., centering=centering, entropy=entropy)`; only "clip_cov" draws from
-    `generator` (see `clip_cov_select` for the random rule).
+    `generator` (see `clip_cov_select` for the random rule). A ratio of 0 selects no token, so
+    clip_cov_ratio=0 gives PPO-clip without the dual clip and kl_cov_ratio=0 the plain -A rho.
     loss = agg_loss(loss_i * w) - entropy_coef * agg_loss(H), the entropy term only if entropy_coef != 0;
     both aggregations use loss_agg_mode, num_tokens and num_seqs (see `agg_loss`).
 

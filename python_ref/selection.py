@@ -20,8 +20,9 @@ def _check_same_shape(name, x, ref_name, ref):
 
 
 def _n_select(ratio, n_valid):
-    # The float64 product and truncation of Python's int(), exactly as verl computes it.
-    return max(1, int(ratio * n_valid))
+    # The float64 product and truncation of Python's int(), exactly as verl computes it; but ratio 0
+    # selects nothing, so an annealed ratio turns the method off (verl would still take one token).
+    return max(1, int(ratio * n_valid)) if ratio > 0 else 0
 
 
 def _masked_mean(x, valid):
@@ -57,7 +58,8 @@ def cov_scores(logp, advantages, response_mask, *, centering="batch", entropy=No
 def clip_cov_select(scores, response_mask, *, ratio=2e-4, lb=1.0, ub=5.0, clipped=None, generator=None):
     """Clip-Cov selection: bool [B, T], True for the tokens whose loss and gradient are dropped.
 
-    candidates = valid & ~clipped & (lb < scores < ub), bounds strict; n = max(1, int(ratio * N_valid)).
+    candidates = valid & ~clipped & (lb < scores < ub), bounds strict; n = max(1, int(ratio * N_valid)),
+    and n = 0 (nothing selected) when ratio == 0.
 
     Random rule (every implementation follows it bit for bit):
       keys = torch.rand(response_mask.shape, generator=generator, device=scores.device, dtype=torch.float32)
@@ -91,7 +93,8 @@ def kl_cov_select(scores, response_mask, *, ratio=2e-4):
     """KL-Cov selection: bool [B, T], True for the tokens that get the |l - l_old| penalty.
 
     The n = max(1, int(ratio * N_valid)) valid tokens with the largest signed score (not |score|); equal
-    scores at the cut are taken in row-major order (lower flat index first). Nothing if N_valid == 0.
+    scores at the cut are taken in row-major order (lower flat index first). Nothing if N_valid == 0 or
+    ratio == 0.
     scores [B, T] float; response_mask [B, T] bool or 0/1.
     """
     _check_same_shape("response_mask", response_mask, "scores", scores)

@@ -1,7 +1,7 @@
 """covkernels.theory, and the theory examples at CI size (examples/entropy_dynamics.py, bias.py, entropy_law.py).
 
 The examples run as subprocesses without TRITON_INTERPRET (conftest sets it for the kernel tests), so
-covkernels takes its PyTorch path there and the three together take well under a minute.
+covkernels takes its PyTorch path there; the three together take about a minute (bias.py in two processes).
 """
 import importlib.util
 import itertools
@@ -130,7 +130,9 @@ def dynamics(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bias_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bias")
-    return run_example("bias.py", out), out
+    result = run_example("bias.py", out, "--jobs", "2")
+    assert (out / "bias_sweep.png").exists() and (out / "bias_sweep.png").stat().st_size < 200_000
+    return result, out
 
 
 @pytest.mark.parametrize("kind", ["pg", "npg"])
@@ -143,36 +145,68 @@ def test_tabular_prediction_error_shrinks_like_step_squared(dynamics, kind):
 
 
 @pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the tiny LM needs transformers")
-def test_tiny_lm_prediction(dynamics):
-    rows = {(r["lr"], r["predictor"]): r for r in dynamics["lm"]}
-    lrs = sorted({lr for lr, _ in rows}, reverse=True)
-    jvp = [rows[lr, "jvp"] for lr in lrs]
-    # The exact first order in parameter space: relative error O(lr), so halving lr halves it.
-    assert all(r["corr"] > 0.99 for r in jvp)
-    for big, small in itertools.pairwise(jvp):
-        assert 1.6 < big["rel_err"] / small["rel_err"] < 2.4
-    # The token-local formula follows the sign and shape but not the size: parameters are shared.
-    pg = rows[lrs[-1], "pg"]
+def test_tiny_lm_lemma1_with_the_actual_logit_change(dynamics):
+    rows = {(r["lr"], r["states"], r["predictor"]): r for r in dynamics["lm"]}
+    lrs = sorted({lr for lr, _, _ in rows}, reverse=True)
+    for states in ("trained", "held-out"):
+        lemma = [rows[lr, states, "lemma1"] for lr in lrs]
+        # First order in the logits: right size (scale ~1), and the error halves with the step.
+        assert all(r["corr"] > 0.99 and 0.95 < r["scale"] < 1.05 for r in lemma), lemma
+        for big, small in itertools.pairwise(lemma):
+            assert 1.6 < big["rel_err"] / small["rel_err"] < 2.4, (states, big, small)
+        assert lemma[-1]["rel_err"] < 0.05
+
+
+@pytest.mark.skipif(not HAS_TRANSFORMERS, reason="the tiny LM needs transformers")
+def test_tiny_lm_heuristics_miss_the_size(dynamics):
+    """Without dz the token-local formulas and the batch score follow the sign, not the size."""
+    rows = {(r["lr"], r["states"], r["predictor"]): r for r in dynamics["lm"]}
+    lr = min(lr for lr, _, _ in rows)
+    pg = rows[lr, "trained", "pg"]
     assert pg["corr"] > 0.5 and pg["rel_err"] > 0.5 and pg["scale"] > 10
+    for k in ("npg", "eq10"):
+        assert rows[lr, "trained", k]["rel_err_scaled"] > 0.5 and rows[lr, "trained", k]["scale"] > 5
 
 
 def test_bias_constant_bonus_reaches_the_closed_form(bias_run):
-    exact = bias_run[0]["exact"]
-    assert exact["tv"] < 0.03
-    assert exact["p_best"][-1] == pytest.approx(exact["p_best_closed_form"], abs=0.02)
-    assert exact["p_best_closed_form"] < 0.95  # the closed form itself is biased away from the argmax
+    rows = bias_run[0]["exact"]["rows"]
+    closed = rows["closed form softmax(r / alpha)"]
+    assert rows["entropy bonus"]["tv_closed_form"] < 0.03
+    assert rows["entropy bonus"]["p_best"] == pytest.approx(closed["p_best"], abs=0.02)
+    assert closed["p_best"] < 0.95  # the closed form itself is biased away from the argmax
+
+
+def test_bias_annealing_to_zero_removes_the_bias(bias_run):
+    rows = bias_run[0]["exact"]["rows"]
+    for name in ("entropy bonus, annealed", "Clip-Cov, annealed"):
+        assert rows[name]["p_best"] > 0.99, name
+    assert rows["Clip-Cov, annealed"]["p_best"] > rows["Clip-Cov"]["p_best"]
+    # On-policy, KL-Cov's |l - l_old| has no gradient: its expected gradient is the plain policy gradient.
+    for k in ("p_best", "entropy"):
+        assert rows["KL-Cov"][k] == pytest.approx(rows["no control"][k], abs=1e-6)
 
 
 def test_bias_table(bias_run):
     (result,) = bias_run[0]["results"]
     rows = result["rows"]
     assert set(rows) >= {"no control", "entropy bonus", "entropy bonus, annealed", "Clip-Cov", "Clip-Cov, annealed",
-                         "KL-Cov", "KL-Cov, annealed"}
+                         "KL-Cov", "KL-Cov, annealed", "AEnt"}
     for row in rows.values():
         assert 0 <= row["p_best"] <= 1 and row["regret"] >= 0
     # A constant bonus keeps entropy up; annealed to 0 it lets the policy concentrate like no control.
     assert rows["entropy bonus"]["entropy"] > 3 * rows["entropy bonus, annealed"]["entropy"]
     assert rows["Clip-Cov"]["entropy"] > 3 * rows["no control"]["entropy"]
+
+
+def test_bias_sweep(bias_run):
+    """More bonus, more entropy and a lower P(best); the closed form spans the same range."""
+    sweep = bias_run[0]["sweep"]
+    bonus = sorted(sweep["entropy bonus"], key=lambda p: p["strength"])
+    assert len(bonus) >= 2 and len(sweep["Clip-Cov"]) >= 2
+    for weak, strong in itertools.pairwise(bonus):
+        assert strong["entropy"] > weak["entropy"] and strong["p_best"] < weak["p_best"]
+    closed = sweep["closed form softmax(r / alpha)"]
+    assert min(p["p_best"] for p in closed) < bonus[-1]["p_best"] < max(p["p_best"] for p in closed)
 
 
 def test_entropy_law_on_logged_curves(bias_run, tmp_path):

@@ -26,10 +26,11 @@ import sys
 
 GPUS = {"H100": dict(sms=132, clock=1.755e9, mem=3.35e12), "H200": dict(sms=132, clock=1.98e9, mem=4.3e12)}
 HEAD = dict(N=16384, V=151936, D=4096)
-# Instructions per element on the hot path of each streaming loop (sm_90, bf16, V = 151936), and the least
-# (issue or MUFU) rate over the H200's memory rate every logits kernel must keep.
+# Instructions per element on the hot path of each streaming loop (sm_90, bf16, V = 151936; an element of
+# entropy_change is a pair of logits, before and after), and the least (issue or MUFU) rate over the H200's
+# memory rate every logits kernel must keep.
 BUDGETS = {"fwd": 9.0, "fwd_stats": 12.0, "fwd_split": 9.0, "vocab_partials": 9.0, "bwd": 18.0, "bwd_inplace": 18.0,
-           "aent_fwd": 12.0, "aent_fwd_stats": 12.0, "aent_bwd": 18.0}
+           "aent_fwd": 12.0, "aent_fwd_stats": 12.0, "aent_bwd": 18.0, "entropy_change": 24.0}
 MIN_RATIO_H200 = 1.3
 MIN_LOAD_BITS = 128
 LATENCY_S = 0.7e-6
@@ -43,12 +44,13 @@ def occupancy(registers, shared, num_warps):
 
 
 def _cases():
-    """(case name, [loop names] or None, bytes of logits moved per element per loop, thunk running the launcher
-    on meta tensors). Loop names are those of the first streaming loops in the kernel's SASS, in address order;
+    """(case name, [loop names] or None, bytes of logits moved (read and written) per element per loop, thunk
+    running the launcher on meta tensors). Loop names are those of the first streaming loops in the kernel's SASS, in address order;
     loops past them (the second, clamped read of rows with -inf entries) are reported, not budgeted."""
     import torch
 
     from covkernels.ops import clamped_entropy as ce
+    from covkernels.ops import entropy_change as ec
     from covkernels.ops import fused_pass as fp
     from covkernels.ops import linear_pass as lp
 
@@ -77,6 +79,9 @@ def _cases():
         ("aent_fwd_stats", aent, 2, lambda: ce.clamped_fwd(x, t, inv_t, -100, 0.3, True)),
         ("aent_bwd", aent_grad, 4, lambda: ce.clamped_bwd(x, t, lse2, rows, rows, torch.empty(3, N, **meta), rows,
                                                           rows, rows, inv_t, -100, torch.empty_like(x))),
+        # Two logits tensors read per element (before and after an update).
+        ("entropy_change", ["sums"], 4, lambda: ec.entropy_change_fwd(x, torch.empty_like(x), torch.empty(
+            N, dtype=torch.bool, **meta), 0.7)),
         ("lm_head_fwd", None, 0, lambda: lp.linear_fwd(h, w, None, t, inv_t, -100, False)),
         ("lm_head_bwd", None, 0, lambda: lp.linear_bwd(h, w, None, t, lse2, rows, rows, rows, inv_t, -100)),
     ]
@@ -131,7 +136,9 @@ def analyse():
                     block = kwargs.get("BLOCK_V")
                     row["programs_per_sm"] = occupancy(regs, shared, row["num_warps"])
                     if block is not None and bytes_per_elt:
-                        row["bytes_in_flight_per_sm"] = row["programs_per_sm"] * block * 2  # bf16 logits read
+                        # One block of each bf16 input read per program (entropy_change reads two tensors).
+                        reads = 4 if case == "entropy_change" else 2
+                        row["bytes_in_flight_per_sm"] = row["programs_per_sm"] * block * reads
                     loops = st.streaming_loops(st.parse(sass))
                     if loop_names is not None and block is not None and loops:
                         if len(loops) < len(loop_names):

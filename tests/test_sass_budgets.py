@@ -42,6 +42,7 @@ def test_every_streaming_kernel_is_reported(report):
         assert (case, "gradient") in loops
     for name in ("radix pass 1", "radix pass 2", "tie scan", "sums before cut", "sums after cut"):
         assert ("aent_fwd_stats", name) in loops
+    assert ("entropy_change", "sums") in loops
     kernels = {r["kernel"] for r in report["rows"]}
     assert {"_combine_kernel", "_linear_fwd_kernel", "_linear_combine_kernel", "_linear_dz_kernel",
             "_mm_acc_kernel"} <= kernels

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from transformers import (AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, MixtralConfig,  # noqa: E402
                           MixtralForCausalLM)
 from trl import GRPOTrainer  # noqa: E402
 
 from covkernels.integrations._head import takes_head  # noqa: E402
 from covkernels.integrations.trl import FusedGRPOTrainer  # noqa: E402
+from op_log import OpLog  # noqa: E402
 from trl_batch import (B, K, check_margins, configure, load_example, loss_and_grads, make_batch,  # noqa: E402
                        make_trainer)
 
@@ -105,24 +105,6 @@ def test_triton_kernels_equal_trls(trainers, batch, monkeypatch, case):
     assert_same_loss(monkeypatch, plain, fused, batch[0], loss_type=loss_type,
                      importance_sampling_level=level, top_entropy_quantile=quantile, entropy_coef=coef,
                      use_adaptive_entropy=adaptive)
-
-
-class OpLog(TorchDispatchMode):
-    """Records every op run below it: covkernels' ops by name, and the shape of every other op's outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.covkernels, self.shapes = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.name()
-        if name.startswith("covkernels::"):
-            self.covkernels.append(name.split("::")[1].split(".")[0])
-        else:
-            leaves = torch.utils._pytree.tree_leaves(out)
-            self.shapes += [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
-        return out
 
 
 @pytest.mark.parametrize("index", [1, 2], ids=["torch", "triton"])

@@ -184,3 +184,12 @@ def test_bf16_head_is_no_less_accurate_than_trls(model_dir, tmp_path, batch):
         assert err <= trl_err and err < 1e-5, (err, trl_err)
     assert B * K > valid.sum()  # padding present; its outputs are 0
     assert torch.all(ours[0][~valid] == 0) and torch.all(ours[1][~valid] == 0)
+
+
+def test_fp32_head_under_bf16_autocast_equals_trls(model_dir, tmp_path, batch, monkeypatch):
+    """cast_lm_head_to_fp32: the backbone in bf16 autocast, the head in fp32 in both trainers."""
+    plain = make_trainer(GRPOTrainer, model_dir, str(tmp_path), bf16=True, cast_lm_head_to_fp32=True)
+    fused = make_trainer(FusedGRPOTrainer, model_dir, str(tmp_path), bf16=True, cast_lm_head_to_fp32=True,
+                         impl="torch")
+    assert fused.model.lm_head.weight.dtype == torch.float32
+    assert_same_loss(monkeypatch, plain, fused, batch[0], loss_type="grpo", entropy_coef=0.01)

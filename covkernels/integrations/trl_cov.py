@@ -120,6 +120,7 @@ class CovGRPOTrainer(FusedGRPOTrainer):
         seed = self.args.seed + self.accelerator.process_index if cfg.seed is None else cfg.seed
         self._cov_generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
         self._cov_inputs = None  # the batch of the loss call in progress
+        self._last_spec = None  # the PassSpec of the latest pass (AEnt's clamped entropies)
         self._cov_terms = None  # (extra loss, metrics) of that call
         self._aent_window = None  # [sum of clamped entropy, tokens] over the accumulation window
 

@@ -1,11 +1,12 @@
-"""GRPO with TRL's GRPOTrainer and covkernels' loss (Clip-Cov, KL-Cov or PPO-clip), runnable on a laptop CPU.
+"""GRPO with TRL's GRPOTrainer, covkernels' fused pass and Clip-Cov / KL-Cov / AEnt, runnable on a laptop CPU.
 
 Nothing is downloaded: a word-level tokenizer over ten letters and a random 2-layer Llama are built and saved
 to a temporary directory, the prompts are four random letters, and the reward is the fraction of "a" in the
 completion. `--model` takes a Hub id or a local path instead (its own tokenizer is used).
 
     python examples/train_trl_grpo.py --method kl_cov --steps 10
-    python examples/train_trl_grpo.py --method clip_cov --centering state --loss-type grpo
+    python examples/train_trl_grpo.py --method clip_cov --centering state --loss-type cispo
+    python examples/train_trl_grpo.py --method none --aent     # TRL's loss with AEnt's clamped-entropy bonus
 """
 import argparse
 import math
@@ -18,7 +19,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from trl import GRPOConfig
 
-from covkernels.integrations.trl import CovGRPOTrainer, CovLossConfig
+from covkernels import AEntController
+from covkernels.integrations.trl import CovGRPOTrainer, CovLossConfig, FusedGRPOTrainer
 
 LETTERS = list("abcdefghij")
 
@@ -51,41 +53,53 @@ def reward_a(completions, **kwargs):
     return [c.split().count("a") / max(len(c.split()), 1) for c in completions]
 
 
-def make_trainer(model, output_dir, cov_config, steps=5, **grpo_kwargs):
-    """A CovGRPOTrainer on the toy task: 8 completions per step in groups of 4, two optimizer steps per
-    generation (num_iterations=2, so the old log-probs differ from the current ones)."""
+def make_trainer(model, output_dir, cov_config=None, steps=5, impl="auto", **grpo_kwargs):
+    """On the toy task, a CovGRPOTrainer with `cov_config`, or a FusedGRPOTrainer without one: 8 completions
+    per step in groups of 4, two optimizer steps per generation (num_iterations=2, so the old log-probs
+    differ from the current ones), fp32."""
     args = GRPOConfig(output_dir=output_dir, per_device_train_batch_size=8, num_generations=4,
                       max_completion_length=8, num_iterations=2, learning_rate=1e-2, max_steps=steps,
                       logging_steps=1, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-                      use_cpu=not torch.cuda.is_available(), **grpo_kwargs)
-    return CovGRPOTrainer(model, reward_funcs=reward_a, args=args, train_dataset=toy_dataset(),
-                          processing_class=AutoTokenizer.from_pretrained(model), cov_config=cov_config)
+                      bf16=False, use_cpu=not torch.cuda.is_available(), **grpo_kwargs)
+    common = dict(reward_funcs=reward_a, args=args, train_dataset=toy_dataset(), impl=impl,
+                  processing_class=AutoTokenizer.from_pretrained(model))
+    if cov_config is None:
+        return FusedGRPOTrainer(model, **common)
+    return CovGRPOTrainer(model, cov_config=cov_config, **common)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="kl_cov", choices=["ppo", "clip_cov", "kl_cov"])
+    parser.add_argument("--method", default="kl_cov", choices=["none", "clip_cov", "kl_cov"])
     parser.add_argument("--centering", default="batch", choices=["batch", "state"])
     parser.add_argument("--ratio", type=float, default=0.02,
                         help="fraction of tokens Clip-Cov / KL-Cov select (toy batches are small; the papers "
                              "use 2e-4 to 2e-3 on large ones)")
-    parser.add_argument("--loss-type", default="dapo", choices=["grpo", "bnpo", "dr_grpo", "dapo"])
+    parser.add_argument("--loss-type", default="dapo",
+                        choices=["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
+    parser.add_argument("--sequence-level", action="store_true",
+                        help="GSPO: importance_sampling_level='sequence'")
+    parser.add_argument("--aent", action="store_true", help="add AEnt's clamped-entropy bonus (controller)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--model", default=None, help="Hub id or local path (default: a tiny local model)")
     args = parser.parse_args(argv)
 
-    cov_config = CovLossConfig(method=args.method, centering=args.centering, clip_cov_ratio=args.ratio,
-                               kl_cov_ratio=args.ratio)
+    method = None if args.method == "none" else args.method
+    cov_config = CovLossConfig(method=method, centering=args.centering, clip_cov_ratio=args.ratio,
+                               kl_cov_ratio=args.ratio,
+                               aent_coef=AEntController(warmup=0) if args.aent else 0.0)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or build_tiny_model(os.path.join(tmp, "tiny-llama"))
-        trainer = make_trainer(model, tmp, cov_config, steps=args.steps, loss_type=args.loss_type)
+        trainer = make_trainer(model, tmp, cov_config, steps=args.steps, loss_type=args.loss_type,
+                               importance_sampling_level="sequence" if args.sequence_level else "token")
         trainer.train()
-    rows = [h for h in trainer.state.log_history if "covkernels/entropy" in h]
-    print(f"{'step':>4} {'loss':>9} {'entropy':>8} {'n_selected':>10} {'pg_clipfrac':>11}")
+    rows = [h for h in trainer.state.log_history if "loss" in h]
+    print(f"{'step':>4} {'loss':>9} {'reward':>7} {'entropy':>8} {'n_selected':>10} {'clamped H':>9}")
     for h in rows:
-        print(f"{h['step']:>4} {h['loss']:>9.4f} {h['covkernels/entropy']:>8.4f} "
-              f"{h['covkernels/n_selected']:>10.1f} {h['covkernels/pg_clipfrac']:>11.4f}")
+        selected, clamped = h.get("covkernels/n_selected", 0), h.get("covkernels/clamped_entropy", math.nan)
+        print(f"{h['step']:>4} {h['loss']:>9.4f} {h.get('reward', math.nan):>7.3f} {h['entropy']:>8.4f} "
+              f"{selected:>10.1f} {clamped:>9.4f}")
     if not all(math.isfinite(h["loss"]) for h in rows):
         raise SystemExit("non-finite loss")
     return trainer

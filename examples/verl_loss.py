@@ -1,18 +1,15 @@
 """covkernels' losses inside verl: registered names, verl's config and call; checked against verl's losses.
 
-In a real verl run (verl 0.9.1), make every verl process import the integration and pick a loss by name:
+In a real verl run (verl 0.9.1), make every verl process import the integration, pick covkernels' actor
+engine (the actor's log-probs and entropy from one fused pass, and the entropy handed to the loss) and a
+loss by name:
 
-    VERL_USE_EXTERNAL_MODULES=covkernels.integrations.verl python -m verl.trainer.main_ppo \\
-        actor_rollout_ref.actor.policy_loss.loss_mode=ck_kl_cov \\
+    VERL_USE_EXTERNAL_MODULES=covkernels.integrations.verl VERL_ENGINE_VENDOR=covkernels \\
+    python -m verl.trainer.main_ppo actor_rollout_ref.actor.policy_loss.loss_mode=ck_kl_cov_state \\
         actor_rollout_ref.actor.policy_loss.kl_cov_ratio=0.002 \\
-        actor_rollout_ref.actor.policy_loss.ppo_kl_coef=1 ...
-
-and, to compute the actor's log-probs and entropy with the fused pass in verl's FSDP engine (in the worker):
-
-    import verl.workers.engine.fsdp.transformer_impl as fsdp_impl
-    from covkernels.integrations import verl as ck_verl
-    fsdp_impl.logprobs_from_logits = ck_verl.logprobs_from_logits
-    engine.compute_entropy_from_logits = ck_verl.entropy_from_logits
+        actor_rollout_ref.actor.policy_loss.ppo_kl_coef=1 actor_rollout_ref.actor.calculate_entropy=True \\
+        actor_rollout_ref.model.use_fused_kernels=True \\
+        actor_rollout_ref.model.fused_kernel_options.impl_backend=covkernels ...
 
 This script runs on a CPU: it builds one actor micro-batch (logits of a random policy, GRPO advantages),
 computes log-probs and entropy with the fused pass, calls each ck_* loss through verl's registry exactly as
@@ -24,7 +21,8 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss, get_policy_loss_fn
 from verl.workers.config import ActorConfig, PolicyLossConfig
 
-from covkernels.integrations import verl as ck_verl  # registers ck_ppo, ck_clip_cov, ck_kl_cov
+import covkernels
+import covkernels.integrations.verl  # noqa: F401  (registers the ck_* losses)
 
 B, T, V, GROUP, TEMPERATURE = 8, 12, 512, 4, 0.7
 
@@ -36,7 +34,7 @@ def micro_batch():
     with torch.no_grad():
         probs = torch.softmax(logits.view(-1, V) / TEMPERATURE, dim=-1)
         responses = torch.multinomial(probs, 1, generator=g).view(B, T)
-        logp, _ = ck_verl.logprobs_and_entropy_from_logits(logits / TEMPERATURE, responses)
+        logp, _ = covkernels.logprobs_and_entropy(logits, responses, temperature=TEMPERATURE)
         # The rollout policy's log-probs, a little off the actor's.
         old_log_prob = (logp + 0.2 * torch.randn(B, T, generator=g)).clamp(max=0)
     rewards = torch.rand(B, generator=g).view(-1, GROUP)
@@ -48,7 +46,7 @@ def micro_batch():
 
 def actor_loss(loss_mode, config, logits, responses, old_log_prob, advantages, response_mask):
     """What verl's ppo_loss does with the model output: the registered policy loss minus the entropy bonus."""
-    log_prob, entropy = ck_verl.logprobs_and_entropy_from_logits(logits / TEMPERATURE, responses)
+    log_prob, entropy = covkernels.logprobs_and_entropy(logits, responses, temperature=TEMPERATURE)
     pg_loss, metrics = get_policy_loss_fn(loss_mode)(
         old_log_prob=old_log_prob, log_prob=log_prob, advantages=advantages, response_mask=response_mask,
         loss_agg_mode=config.loss_agg_mode, config=config, rollout_is_weights=None)

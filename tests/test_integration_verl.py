@@ -16,9 +16,11 @@ import torch
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos")
 verl_F = pytest.importorskip("verl.utils.torch_functional")
 from verl.workers.config import ActorConfig, PolicyLossConfig  # noqa: E402
+from verl.workers.engine.base import EngineRegistry  # noqa: E402
 
 import covkernels  # noqa: E402
 from covkernels.integrations import verl as ck_verl  # noqa: E402
+from covkernels.integrations.verl_engine import CovkernelsFSDPEngine  # noqa: E402
 
 # verl's loss_agg_mode values (core_algos.agg_loss).
 AGG_MODES = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -62,10 +64,15 @@ def assert_same(ck, ref, metric_names):
         assert ck[2][name] == pytest.approx(ref[2][name], rel=1e-5, abs=1e-7), name
 
 
-def test_registered_in_verls_registry():
-    for name in PAIRS:
+def test_registered_in_verls_registries(monkeypatch):
+    for name in [*PAIRS, "ck_clip_cov_state", "ck_kl_cov_state"]:
         assert name in core_algos.POLICY_LOSS_REGISTRY
     assert core_algos.get_policy_loss_fn("ck_kl_cov") is ck_verl.compute_policy_loss_ck_kl_cov
+    monkeypatch.delenv("VERL_ENGINE_VENDOR", raising=False)
+    assert EngineRegistry.get_engine_cls("language_model", "fsdp") is not CovkernelsFSDPEngine
+    monkeypatch.setenv("VERL_ENGINE_VENDOR", "covkernels")
+    for backend in ("fsdp", "fsdp2"):
+        assert EngineRegistry.get_engine_cls("language_model", backend) is CovkernelsFSDPEngine
 
 
 @pytest.mark.parametrize("mode", AGG_MODES)
@@ -138,39 +145,29 @@ def test_kl_cov_ties_go_to_the_lower_row_major_index():
     assert metrics["actor/ck_n_selected"] == 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_logprobs_and_entropy_have_verls_semantics(dtype):
-    g = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(4, 9, 301, generator=g)).to(dtype)
-    labels = torch.randint(0, 301, (4, 9), generator=g)
-    w_logp, w_ent = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
-
-    def grads(fn):
-        x = logits.clone().requires_grad_(True)
-        logp, ent = fn(x)
-        ((logp.float() * w_logp).sum() + (ent.float() * w_ent).sum()).backward()
-        return logp.float().detach(), ent.float().detach(), x.grad.float()
-
-    ref = grads(lambda x: (verl_F.logprobs_from_logits(x.double(), labels),
-                           verl_F.entropy_from_logits(x.double())))
-    fused = grads(lambda x: ck_verl.logprobs_and_entropy_from_logits(x, labels))
-    separate = grads(lambda x: (ck_verl.logprobs_from_logits(x, labels, inplace_backward=False),
-                                ck_verl.entropy_from_logits(x, chunk_size=2048)))
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
-    for ours in (fused, separate):
-        for a, b in zip(ours, ref):
-            torch.testing.assert_close(a, b.float(), **tol)
-    assert ck_verl.logprobs_and_entropy_from_logits(logits, labels, calculate_entropy=False)[1] is None
+def test_state_centering_needs_the_engines_entropy():
+    """Outside CovkernelsFSDPEngine (tests/test_integration_verl_engine.py) no entropy reaches the loss:
+    the per-state losses say so instead of centering by something else."""
+    log_prob, old, adv, mask, _ = batch()
+    for name in ("ck_clip_cov_state", "ck_kl_cov_state"):
+        with pytest.raises(ValueError, match="micro-batch entropy"):
+            run(name, actor_config(loss_mode=name), log_prob, old, adv, mask, "token-mean")
 
 
 def test_verl_imports_the_module_from_its_environment_variable():
-    """VERL_USE_EXTERNAL_MODULES: how every verl process (Ray workers included) gets the ck_* losses."""
-    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "covkernels.integrations.verl"}
+    """VERL_USE_EXTERNAL_MODULES: how every verl process (Ray workers included) gets the ck_* losses and,
+    with VERL_ENGINE_VENDOR, covkernels' engine."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "VERL_USE_EXTERNAL_MODULES": "covkernels.integrations.verl",
+           "VERL_ENGINE_VENDOR": "covkernels", "PYTHONPATH": str(root)}
     code = ("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY as r\n"
-            "print(sorted(k for k in r if k.startswith('ck_')))")
+            "from verl.workers.engine.base import EngineRegistry as e\n"
+            "print(sorted(k for k in r if k.startswith('ck_')),\n"
+            "      e.get_engine_cls('language_model', 'fsdp').__name__)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['ck_clip_cov', 'ck_kl_cov', 'ck_ppo']"
+    assert out.stdout.strip().splitlines()[-1] == ("['ck_clip_cov', 'ck_clip_cov_state', 'ck_kl_cov', "
+                                                   "'ck_kl_cov_state', 'ck_ppo'] CovkernelsFSDPEngine")
 
 
 def test_example_script_runs(capsys):

@@ -11,8 +11,10 @@ from .layout import acc_dtype
 def _kept_block(x, inv_temp, clamp_fraction, acc):
     """(log p~ over K, -inf elsewhere; lse over K; p~) of one [rows, V] block."""
     V = x.shape[-1]
+    # Ranked on the raw logits (SPEC section 6): two logits an ulp apart can round to one value after
+    # the temperature, and the tie would then remove the wrong one.
+    removed = torch.sort(x, dim=-1, stable=True).indices[:, :int(clamp_fraction * V)]
     z = x.to(acc) * inv_temp
-    removed = torch.sort(z, dim=-1, stable=True).indices[:, :int(clamp_fraction * V)]
     zk = z.scatter(-1, removed, float("-inf"))
     lse_k = torch.logsumexp(zk, dim=-1, keepdim=True)
     logp_k = zk - lse_k

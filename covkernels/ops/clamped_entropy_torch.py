@@ -27,12 +27,16 @@ def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction):
     acc = acc_dtype(logits.dtype)
     outs = list(fused_fwd_torch(logits, targets, inv_temp, ignore_index, True))
     cent, lse_k, lse_k_lo = (torch.zeros(targets.shape, dtype=acc, device=logits.device) for _ in range(3))
-    valid = (targets != ignore_index).reshape(-1)
+    t = targets.reshape(-1)
+    valid = t != ignore_index
+    # A target outside [0, V) (validate=False) makes every output of its row NaN.
+    off = torch.where(valid, float("nan"), 0.0)
+    in_range = valid & (t >= 0) & (t < logits.shape[-1])
     for sl, x in _row_blocks(logits):
         logp_k, lk, pk = _kept_block(x, inv_temp, clamp_fraction, acc)
         h = -(pk * torch.where(pk > 0, logp_k, 0.0)).sum(-1)
-        cent.view(-1)[sl] = torch.where(valid[sl], h.clamp(min=0.0), 0.0)
-        lse_k.view(-1)[sl] = torch.where(valid[sl], lk, 0.0)
+        cent.view(-1)[sl] = torch.where(in_range[sl], h.clamp(min=0.0), off[sl])
+        lse_k.view(-1)[sl] = torch.where(in_range[sl], lk, off[sl])
     thr, n_tie = (torch.zeros(targets.shape, dtype=torch.int64, device=logits.device) for _ in range(2))
     return (*outs, cent, lse_k, lse_k_lo, thr, n_tie)
 

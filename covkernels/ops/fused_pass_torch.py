@@ -54,13 +54,14 @@ def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None)
         valid, in_range, t, lse, logp_all, p = _block_stats(x, t_flat[sl], inv_temp, ignore_index, acc)
         logp_safe = torch.where(p > 0, logp_all, 0.0)
         logp = logp_all.gather(-1, t.unsqueeze(-1)).squeeze(-1).clamp(max=0.0)
-        logp = torch.where(in_range, logp, float("nan"))
         block = [logp, (-(p * logp_safe).sum(-1)).clamp(min=0.0), lse]
         if stats:
             p2 = p * p
             block += [p2.sum(-1), (p2 * logp_safe).sum(-1)]
+        # A target outside [0, V) (validate=False) makes every output of its row NaN.
+        off = torch.where(valid, float("nan"), 0.0)
         for out, val in zip(flat, block):
-            out[sl] = torch.where(valid, val, 0.0)
+            out[sl] = torch.where(in_range, val, off)
     return outs
 
 

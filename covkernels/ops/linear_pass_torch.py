@@ -59,8 +59,10 @@ def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stat
         ref = torch.where(mx == float("-inf"), 0.0, mx)
         logp, ent, lse, lse_lo, *s = _finish_rows(ref, sums[0], sums[1], sums[4], ok, valid,
                                                   *(sums[2:4] if stats else ()))
+        # A target outside [0, V) (validate=False) makes every output of its row NaN.
+        bad = valid & ~ok
         for out, val in zip(flat, [logp, ent, lse, *s]):
-            out[r0:r1] = val
+            out[r0:r1] = torch.where(bad, float("nan"), val)
         flat[5][r0:r1] = lse_lo
     return outs
 

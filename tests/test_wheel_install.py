@@ -97,7 +97,8 @@ def test_wheel_holds_only_the_packages(wheel):
 
 
 def test_sdist_keeps_the_reference_and_the_tests(source, tmp_path):
-    names = {name.split("/", 1)[1] for name in tarfile.open(build(source, tmp_path, "sdist")).getnames() if "/" in name}
+    sdist = tarfile.open(build(source, tmp_path, "sdist"))
+    names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"python_ref/__init__.py", "python_ref/logprobs.py", "tests/conftest.py", "MANIFEST.in"} <= names
     assert "covkernels/ops/fused_pass.py" in names and "pyproject.toml" in names
 

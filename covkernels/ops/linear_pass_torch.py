@@ -1,15 +1,18 @@
 """The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64 on CUDA).
 
 Same interface and outputs as the launchers in linear_pass.py. The logits exist one fp32 block of at
-most _CHUNK_ELEMS elements at a time (rows x vocabulary columns), folded into the row accumulators of
-SPEC section 2 as the vocabulary-parallel path folds shards; the backward recomputes each block.
+most _CHUNK_ELEMS elements at a time (rows x vocabulary columns): the forward folds each block's row sums
+(fused_pass_torch.row_sums, relative to the block's max) into the row accumulators of SPEC section 2,
+rescaled to the running max; the backward recomputes each block and takes the fused pass's gradient of it.
+Big blocks run through torch.compile, as in fused_pass_torch.
 """
 import math
 
 import torch
 
+from .compiled import run
+from .fused_pass_torch import centre, finish_rows, grad, row_masks, row_sums
 from .layout import acc_dtype, new_outputs
-from .vocab_parallel import _bwd_torch, _finish_rows, _partials_torch, _rescale, _shard_targets
 
 _CHUNK_ELEMS = 1 << 21
 
@@ -26,44 +29,46 @@ def _logits(h_rows, weight, bias, c0, c1, acc):
     return z if bias is None else z + bias[c0:c1].to(acc)
 
 
+def _merge(a, b, inv_temp):
+    """Two row_sums results of the same rows (different columns) as one, relative to the larger max
+    (SPEC section 2: with d = (m_old - m_new)/T <= 0, l <- e^d l, s1 <- e^d (s1 + d l), q <- e^2d q,
+    q1 <- e^2d (q1 + d q)); a side whose max is -inf holds nothing."""
+    m = torch.maximum(a[0], b[0])
+    parts = []
+    for mx, l, s1, q, q1 in (a, b):
+        empty = mx == float("-inf")
+        d = torch.where(empty, 0.0, (mx - m) * inv_temp)
+        f = torch.where(empty, 0.0, d.exp())
+        parts.append((f * l, f * (s1 + d * l), f * f * q, f * f * (q1 + d * q)))
+    return (m, *(x + y for x, y in zip(*parts)))
+
+
 def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stats, splits=None):
     """Chunked PyTorch forward; see linear_pass.linear_fwd (`splits` is accepted and ignored)."""
     D, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
-    outs = new_outputs(targets, acc, stats)
-    flat = [o.view(-1) for o in outs]
+    inv = torch.tensor(inv_temp, dtype=acc, device=h.device)
     t = targets.reshape(-1)
+    keep, fill = row_masks(t, V, ignore_index, acc)
+    outs = new_outputs(targets, acc, stats)
     rows, cols = _blocks(N, V)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        h_rows, t_rows = h[r0:r1].to(acc), t[r0:r1]
-        mx = torch.full((r1 - r0,), float("-inf"), dtype=acc, device=h.device)
-        sums = torch.zeros((5, r1 - r0), dtype=acc, device=h.device)  # l, s1, q, q1, z_t
+        h_rows, t_rows = h[r0:r1].to(acc), t[r0:r1].long()
+        sums, x_t = None, torch.zeros(r1 - r0, dtype=acc, device=h.device)
         for c0 in range(0, V, cols):
             c1 = min(c0 + cols, V)
-            z = _logits(h_rows, weight, bias, c0, c1, acc) * inv_temp
-            part = _partials_torch(z, t_rows, 1.0, ignore_index, stats)
-            new = torch.maximum(mx, part[0])
-            ref = torch.where(new == float("-inf"), 0.0, new)
-            old = _rescale(mx, ref, *sums[:4])
-            add = _rescale(part[0], ref, *part[1:])
-            local_t = t_rows.long() - c0
+            z = _logits(h_rows, weight, bias, c0, c1, acc)
+            part = run(row_sums, z, inv)
+            sums = part if sums is None else _merge(sums, part, inv)
+            local_t = t_rows - c0
             owned = (local_t >= 0) & (local_t < c1 - c0)
-            z_t = z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1)
-            sums = torch.stack([a + b for a, b in zip(old, add)] + [sums[4] + torch.where(owned, z_t, 0.0)])
-            mx = new
-        valid = t_rows != ignore_index
-        ok = (t_rows >= 0) & (t_rows < V)
-        ref = torch.where(mx == float("-inf"), 0.0, mx)
-        logp, ent, lse, lse_lo, *s = _finish_rows(ref, sums[0], sums[1], sums[4], ok, valid,
-                                                  *(sums[2:4] if stats else ()))
-        # A target outside [0, V) (validate=False) makes every output of its row NaN.
-        bad = valid & ~ok
-        for out, val in zip(flat, [logp, ent, lse, *s]):
-            out[r0:r1] = torch.where(bad, float("nan"), val)
-        flat[5][r0:r1] = lse_lo
+            x_t += torch.where(owned, z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1), 0.0)
+        for i, val in enumerate(finish_rows(*sums, x_t, inv_temp)):
+            if stats or i not in (3, 4):
+                outs[i].view(-1)[r0:r1] = torch.where(keep[r0:r1], val, fill[r0:r1])
     return outs
 
 
@@ -74,9 +79,12 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
+    inv = torch.tensor(inv_temp, dtype=acc, device=h.device)
     t = targets.reshape(-1)
-    bad = (t != ignore_index) & ((t < 0) | (t >= V))
-    flat = [x.reshape(-1) for x in (lse, lse_lo, entropy, grad_logp, grad_entropy)]
+    keep, fill = row_masks(t, V, ignore_index, acc)
+    c, r = centre(lse.reshape(-1), lse_lo.reshape(-1), inv_temp)
+    per_row = (c, r, entropy.reshape(-1), grad_logp.reshape(-1).to(acc), grad_entropy.reshape(-1).to(acc), keep,
+               fill)
     d_h = torch.zeros((N, D), dtype=acc, device=h.device) if needs[0] else None
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
@@ -90,10 +98,8 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
             r1 = min(r0 + rows, N)
             h_rows = h[r0:r1].to(acc)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
-            local_t = _shard_targets(t[r0:r1], c0, c1 - c0, ignore_index)
-            dz = _bwd_torch(z, local_t, *(x[r0:r1] for x in flat), inv_temp, ignore_index)
-            # A target outside [0, V) (validate=False) has NaN outputs: its gradient is NaN too.
-            dz = torch.where(bad[r0:r1, None], float("nan"), dz)
+            # The target's column in this block; one outside it matches no column (no delta term).
+            dz = run(grad, z, t[r0:r1] - c0, *(a[r0:r1] for a in per_row), inv)
             d_w_c += dz.T @ h_rows
             d_b_c += dz.sum(0)
             if d_h is not None:

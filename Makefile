@@ -1,7 +1,8 @@
-# The two Quickstart commands: `make bench` (the main job) and `make test` (the suite CI runs).
+# The two Quickstart commands: `make bench` (the main job) and `make test` (the suite CI runs);
+# `make fuzz` runs only the property tests (hypothesis), 600 generated cases each instead of CI's 15.
 PYTHON ?= python3
 
-.PHONY: setup bench test
+.PHONY: setup bench test fuzz
 
 # torch 2.13.0 is asked for by version only when no torch is installed: it resolves to the CPU build on
 # machines without CUDA, and an existing (GPU) torch is never replaced.
@@ -14,3 +15,6 @@ bench: setup
 
 test: setup
 	$(PYTHON) -m pytest -q
+
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q -m hypothesis --hypothesis-show-statistics

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import covkernels as ck
+import test_linear
 from test_linear import IMPLS, STAT_FIELDS, check_against_reference, make_head, run_head, targets_for
 
 
@@ -168,6 +169,6 @@ def test_bad_input_raises_naming_the_argument(fn, case, monkeypatch):
 def test_fuzz_found_d_hidden_of_a_one_wide_head(impl):
     """`make fuzz` (test_linear's property test, 600 cases) found this fp32 case: D = 1, a bias, T = 1.244;
     the Triton kernels' d_hidden was 4.96e-6 off the float64 truth where the rule allows 4.958e-6."""
-    hidden, weight, bias = make_head("flat", 8, 1, 240, torch.float32, seed=60806)
-    targets = targets_for(hidden, 240, ignore_every=5, seed=60806)
-    check_against_reference(hidden, weight, bias, targets, torch.float32, temperature=1.2444106151262238, impl=impl)
+    test_linear.test_matches_reference_on_random_shapes.hypothesis.inner_test(
+        dtype=torch.float32, D=1, V=240, rows=8, layout="flat", bias=True, temperature=1.2444106151262238,
+        ignore_every=5, impl=impl, seed=60806)

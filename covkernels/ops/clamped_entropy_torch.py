@@ -33,13 +33,12 @@ def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction):
     """Chunked forward; see clamped_entropy.clamped_fwd (thr and n_tie are 0: the backward selects again)."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=logits.device)
     k = int(clamp_fraction * V)
     outs = list(fused_fwd_torch(logits, targets, inv_temp, ignore_index, True))
     keep, fill = row_masks(targets.reshape(-1), V, ignore_index, acc)
     sums = torch.empty((3, targets.numel()), dtype=acc, device=logits.device)  # m, l, s1 over K
     for sl, x in _row_blocks(logits, chunk=_CHUNK_ELEMS):  # the kept set takes a few copies of a block
-        sums[:, sl] = torch.stack(run(row_sums, _kept(x, k), inv)[:3])
+        sums[:, sl] = torch.stack(run(row_sums, _kept(x, k), inv_temp)[:3])
     m, l, s1 = sums
     ln_l = l.log()
     cent = ln_l - s1 / l
@@ -57,7 +56,6 @@ def clamped_bwd_torch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kep
     the fused gradient of an entropy over K: -g p~ (log p~ + H~) / T there, 0 elsewhere (p~ = 0)."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=logits.device)
     k = int(clamp_fraction * V)
     t = targets.reshape(-1)
     keep, fill = row_masks(t, V, ignore_index, acc)
@@ -67,7 +65,7 @@ def clamped_bwd_torch(logits, targets, thr, n_tie, lse, lse_lo, entropy, lse_kep
     per_row = (t, c, r, clamped_entropy.reshape(-1), torch.zeros_like(g_cent), g_cent, keep, fill)
 
     def clamped_grad(sl, x):
-        return run(grad, _kept(x, k), *(a[sl] for a in per_row), inv)
+        return run(grad, _kept(x, k), *(a[sl] for a in per_row), inv_temp)
 
     return fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                            extra_grad=clamped_grad)

@@ -36,8 +36,8 @@ def _row_blocks(logits, inner=None, chunk=None):
 def row_sums(x, inv_temp):
     """(m, l, s1, q, q1), each [R], of a block x [R, C] (any float dtype): m the raw row max (NaN where it
     is +inf: no softmax), and over e = exp(d), d = (x - m) * inv_temp: l = Σe, s1 = Σe·d, q = Σe², q1 = Σe²·d,
-    in inv_temp's dtype (a 0-dim tensor, fp32 or fp64). A row of -inf has m = -inf and sums 0."""
-    xf = x.to(inv_temp.dtype)
+    in fp32 (fp64 for fp64 x). A row of -inf has m = -inf and sums 0."""
+    xf = x.to(acc_dtype(x.dtype))
     m = xf.amax(-1, keepdim=True)
     m = torch.where(m == float("inf"), float("nan"), m)
     d = (xf - torch.where(m == float("-inf"), 0.0, m)) * inv_temp
@@ -80,10 +80,10 @@ def row_masks(t, V, ignore_index, acc):
 
 
 def grad(x, t, c, r, ent, g_logp, g_ent, keep, fill, inv_temp):
-    """dz [R, C] in inv_temp's dtype of a block x [R, C] (SPEC section 3):
+    """dz [R, C] in fp32 (fp64 for fp64 x) of a block x [R, C] (SPEC section 3):
     (g_logp (δ_jt - p_j) - g_ent p_j (log p_j + H)) / T with log p_j = (x_j - c) * inv_temp - r; t the
     target's column in the block (none: no δ); `fill` on rows where keep is False. Per-row args [R]."""
-    logp = (x.to(inv_temp.dtype) - c[:, None]) * inv_temp - r[:, None]
+    logp = (x.to(acc_dtype(x.dtype)) - c[:, None]) * inv_temp - r[:, None]
     p = logp.exp()
     dent = p * (torch.where(p > 0, logp, 0.0) + ent[:, None])
     delta = torch.arange(x.shape[-1], device=x.device) == t[:, None]
@@ -105,13 +105,12 @@ def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats, splits=None)
     """Chunked PyTorch forward; see fused_pass.fused_fwd (`splits` is accepted and ignored)."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=logits.device)
     t = targets.reshape(-1)
     keep, fill = row_masks(t, V, ignore_index, acc)
     safe_t = torch.where(keep, t, 0).long()[:, None]
     sums = torch.empty((6, t.numel()), dtype=acc, device=logits.device)  # m, l, s1, q, q1, x_t
     for sl, x in _row_blocks(logits):
-        sums[:5, sl] = torch.stack(run(row_sums, x, inv))
+        sums[:5, sl] = torch.stack(run(row_sums, x, inv_temp))
         sums[5, sl] = x.gather(-1, safe_t[sl]).squeeze(-1).to(acc)
     outs = new_outputs(targets, acc, stats)
     for i, val in enumerate(finish_rows(*sums, inv_temp)):
@@ -130,7 +129,6 @@ def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entro
     """
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=logits.device)
     t = targets.reshape(-1)
     keep, fill = row_masks(t, V, ignore_index, acc)
     c, r = centre(lse.reshape(-1), lse_lo.reshape(-1), inv_temp)
@@ -142,7 +140,7 @@ def fused_bwd_torch(logits, targets, lse, lse_lo, entropy, grad_logp, grad_entro
     # An extra gradient (AEnt's) takes a few copies of its block: bounded blocks for it.
     chunk = None if extra_grad is None else _CHUNK_ELEMS
     for (sl, x), (_, dst) in zip(_row_blocks(logits, chunk=chunk), _row_blocks(dst_all, inner, chunk)):
-        args = [a[sl] for a in per_row] + [inv]
+        args = [a[sl] for a in per_row] + [inv_temp]
         if extra_grad is None and dst.data_ptr() == x.data_ptr():  # `out` is `logits`: the same view
             run(grad_in_place, x, *args)
         elif extra_grad is None:

@@ -49,7 +49,6 @@ def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stat
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=h.device)
     t = targets.reshape(-1)
     keep, fill = row_masks(t, V, ignore_index, acc)
     outs = new_outputs(targets, acc, stats)
@@ -61,8 +60,8 @@ def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stat
         for c0 in range(0, V, cols):
             c1 = min(c0 + cols, V)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
-            part = run(row_sums, z, inv)
-            sums = part if sums is None else _merge(sums, part, inv)
+            part = run(row_sums, z, inv_temp)
+            sums = part if sums is None else _merge(sums, part, inv_temp)
             local_t = t_rows - c0
             owned = (local_t >= 0) & (local_t < c1 - c0)
             x_t += torch.where(owned, z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1), 0.0)
@@ -79,7 +78,6 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
-    inv = torch.tensor(inv_temp, dtype=acc, device=h.device)
     t = targets.reshape(-1)
     keep, fill = row_masks(t, V, ignore_index, acc)
     c, r = centre(lse.reshape(-1), lse_lo.reshape(-1), inv_temp)
@@ -99,7 +97,7 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse, lse_lo, entropy, grad_l
             h_rows = h[r0:r1].to(acc)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
             # The target's column in this block; one outside it matches no column (no delta term).
-            dz = run(grad, z, t[r0:r1] - c0, *(a[r0:r1] for a in per_row), inv)
+            dz = run(grad, z, t[r0:r1] - c0, *(a[r0:r1] for a in per_row), inv_temp)
             d_w_c += dz.T @ h_rows
             d_b_c += dz.sum(0)
             if d_h is not None:

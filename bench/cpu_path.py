@@ -6,7 +6,8 @@ Cases (ops cpu_fwd, cpu_fwd_bwd): N = 1024 x V = 32000 in fp32 and bf16, forward
 (issue 17's target: covkernels within TARGET_RATIO x torch.compile's time), and N = 512 x V = 151936 bf16
 forward for memory (target: peak extra memory at most TARGET_PEAK_FRAC_LOGITS x the logits). Each provider
 is checked against python_ref in float64 (bench/check.py) by its first call, which is timed on its own
-(torch.compile compiles there), then timed with time.perf_counter: WARMUP calls, the median of REPS. Peak
+(torch.compile compiles there); then WARMUP and REPS rounds of one call per provider (time.perf_counter,
+the median of REPS is reported), round-robin so that other load on a shared machine hits all alike. Peak
 extra memory: the resident-set high-water mark during one call above the resident set before it
 (timing.peak_extra_rss_bytes), outputs and gradient included.
 """
@@ -24,7 +25,7 @@ SPEED_SHAPE = (1024, 32000)
 MEMORY_CASE = (512, 151936, "bf16")
 TARGET_RATIO = 1.5
 TARGET_PEAK_FRAC_LOGITS = 0.35
-WARMUP, REPS = 1, 5
+WARMUP, REPS = 1, 7
 BASELINE = "compiled_ref"
 
 
@@ -55,7 +56,13 @@ PROVIDERS = [Provider("covkernels_torch", "ours", _covkernels_torch, note="impl=
 BY_NAME_CPU = {p.name: p for p in PROVIDERS}
 
 
-def _measure(case, provider, fn, inputs, ref_out, rows):
+def _failed(row, e):
+    row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def _check(case, provider, fn, inputs, ref_out, rows):
+    """(row, run): the provider's first call, timed on its own (torch.compile compiles there) and checked
+    against the float64 reference; run is None unless it passed."""
     row = dict(runner.base_row(case, provider, None), op="cpu_" + case.op, first_call_ms=None,
                peak_extra_frac_logits=None, input_sets=1)
     run = inputs.call(fn)
@@ -64,35 +71,48 @@ def _measure(case, provider, fn, inputs, ref_out, rows):
         out = run(0)
         row["first_call_ms"] = (time.perf_counter() - t0) * 1e3
         errors, ok, worst = check.compare(case, provider, out, ref_out, rows)
-        del out
-        row.update(errors=errors, max_err=worst)
-        if not ok:
-            row["status"] = "wrong"
-            return row
-        row["times_ms"] = timing.time_calls(run, warmup=WARMUP, reps=REPS)
-        row.update(timing.summarize(row["times_ms"], row["bytes"], None))
-        peak = timing.peak_extra_rss_bytes(run)
-        logits_bytes = case.N * case.V * case.torch_dtype.itemsize
-        row.update(peak_extra_bytes=peak, peak_extra_frac_logits=None if peak is None else peak / logits_bytes)
     except Exception as e:  # noqa: BLE001 -- one failing provider must not end the run: the row says why
-        row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-    return row
+        _failed(row, e)
+        return row, None
+    row.update(errors=errors, max_err=worst, status="ok" if ok else "wrong")
+    return row, run if ok else None
 
 
 def run_case(case, providers, on_row=None):
-    """All providers of one case on the CPU; returns the rows."""
+    """All providers of one case on the CPU; returns the rows. The timed calls go round the providers REPS
+    times, so that a load coming and going on a shared machine falls on all of them alike."""
     device = torch.device("cpu")
     inputs = runner.CaseInputs(case, device, 1)
     rows = C.check_rows(case, device)
     ref_out = check.reference(case, *inputs.sets[0], inputs.grads, rows)
-    out = []
+    out, timed = [], []
     for provider in providers:
         fn, reason = runner.load(provider)
         if fn is None:
-            row = dict(runner.base_row(case, provider, None), op="cpu_" + case.op, status=f"skipped: {reason}")
-        else:
-            row = _measure(case, provider, fn, inputs, ref_out, rows)
+            out.append(dict(runner.base_row(case, provider, None), op="cpu_" + case.op, status=f"skipped: {reason}"))
+            continue
+        row, run = _check(case, provider, fn, inputs, ref_out, rows)
         out.append(row)
+        if run is not None:
+            timed.append((row, run))
+    for rep in range(-WARMUP, REPS):
+        for row, run in timed:
+            if row["status"] != "ok":
+                continue
+            try:
+                t0 = time.perf_counter()
+                run(0)
+                if rep >= 0:
+                    row["times_ms"].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001
+                _failed(row, e)
+    logits_bytes = case.N * case.V * case.torch_dtype.itemsize
+    for row, run in timed:
+        if row["status"] == "ok":
+            row.update(timing.summarize(row["times_ms"], row["bytes"], None))
+            peak = timing.peak_extra_rss_bytes(run)
+            row.update(peak_extra_bytes=peak, peak_extra_frac_logits=None if peak is None else peak / logits_bytes)
+    for row in out:
         if on_row:
             on_row(row)
     return out

@@ -5,7 +5,7 @@ not multiples of the blocks, rows are strided, some targets ignored; prints one 
 import torch
 
 import covkernels as ck
-from covkernels.ops.fused_pass import fused_bwd, fused_fwd, fused_fwd_partials
+from covkernels.ops.fused_pass.kernels import fused_bwd, fused_fwd, fused_fwd_partials
 
 
 def main():

@@ -49,10 +49,10 @@ def _cases():
     loops past them (the second, clamped read of rows with -inf entries) are reported, not budgeted."""
     import torch
 
-    from covkernels.ops import clamped_entropy as ce
-    from covkernels.ops import entropy_change as ec
-    from covkernels.ops import fused_pass as fp
-    from covkernels.ops import linear_pass as lp
+    from covkernels.ops.clamped_entropy import kernels as ce
+    from covkernels.ops.entropy_change import kernels as ec
+    from covkernels.ops.fused_pass import kernels as fp
+    from covkernels.ops.lm_head import kernels as lp
 
     N, V, D = HEAD["N"], HEAD["V"], HEAD["D"]
     meta = dict(device="meta")
@@ -112,7 +112,7 @@ def _loop_row(loop, name, ept, blocks_per_row, bytes_per_elt):
 def analyse():
     """One dict per compiled kernel (and autotuned config)."""
     from bench import sass_tools as st
-    from covkernels.ops import layout
+    from covkernels.ops.common import layout
 
     out = []
     saved = layout.sm_count

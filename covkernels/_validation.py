@@ -66,15 +66,17 @@ def check_logits_targets(logits, targets, temperature, ignore_index, impl, valid
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "logits", logits)
     _check_options(temperature, ignore_index, impl)
-    use_triton = _use_triton("logits", logits, impl)
+    use_triton = use_triton_for("logits", logits, impl)
     if validate and not torch.compiler.is_compiling():
         check_targets_in_range(targets, logits.shape[-1], ignore_index)
     return use_triton
 
 
-def _use_triton(name, x, impl):
-    """Whether the Triton kernels run: on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; never for fp64,
-    which the chunked PyTorch path computes in fp64 (the kernels accumulate in fp32 with fp32 scalars)."""
+def use_triton_for(name, x, impl):
+    """The one dispatch between implementations, for every op: whether the Triton kernels run on the tensor x
+    (the argument `name`) for impl in IMPLS: on CUDA tensors, or on the CPU under TRITON_INTERPRET=1; never
+    for fp64, which the chunked PyTorch path computes in fp64 (the kernels accumulate in fp32 with fp32
+    scalars)."""
     if impl == "torch":
         return False
     triton_ok = (x.is_cuda or INTERPRETING) and x.dtype != torch.float64
@@ -134,7 +136,7 @@ def check_lm_head(hidden, weight, bias, targets, temperature, ignore_index, impl
                          f"got {tuple(targets.shape)}")
     check_same_device("targets", targets, "hidden", hidden)
     _check_options(temperature, ignore_index, impl)
-    use_triton = _use_triton("hidden", hidden, impl)
+    use_triton = use_triton_for("hidden", hidden, impl)
     if validate and not torch.compiler.is_compiling():
         check_targets_in_range(targets, weight.shape[0], ignore_index)
     return use_triton

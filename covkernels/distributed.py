@@ -29,7 +29,7 @@ import torch
 from ._validation import check_logits_targets
 from .logprobs import TokenStats
 from .losses import _check_hyper, _check_tokens, _ratio_terms
-from .ops.vocab_parallel import VocabParallelFunction
+from .ops.vocab_parallel.op import VocabParallelFunction
 from .selection import loss_selection
 
 __all__ = ["CovSelection", "vocab_parallel_logprobs_and_entropy", "vocab_parallel_token_stats"]

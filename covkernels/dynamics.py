@@ -10,12 +10,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._validation import INTERPRETING, LOGIT_DTYPES, check_choice, check_positive, check_same_device, check_tensor
-from .ops.entropy_change import LOG2E, entropy_change_fwd
-from .ops.entropy_change_torch import entropy_change_fwd_torch
-
-# The kernel takes log2(e) / T as an fp32 argument: it must be a normal fp32 number.
-_FP32_TINY, _FP32_MAX = 2.0 ** -126, 3.4028234663852886e38
+from ._validation import LOGIT_DTYPES, check_choice, check_positive, check_same_device, check_temperature_range
+from ._validation import check_tensor, use_triton_for
+from .ops.entropy_change.op import entropy_change_op
 
 
 class EntropyChange(NamedTuple):
@@ -23,21 +20,6 @@ class EntropyChange(NamedTuple):
 
     predicted: Tensor
     actual: Tensor
-
-
-@torch.library.custom_op("covkernels::entropy_change", mutates_args=())
-def entropy_change_op(logits_before: Tensor, logits_after: Tensor, row_mask: Tensor, temperature: float,
-                      use_triton: bool) -> tuple[Tensor, Tensor]:
-    launch = entropy_change_fwd if use_triton else entropy_change_fwd_torch
-    return launch(logits_before, logits_after, row_mask, temperature)
-
-
-@entropy_change_op.register_fake
-def _(logits_before, logits_after, row_mask, temperature, use_triton):
-    acc = torch.float64 if logits_before.dtype == torch.float64 else torch.float32
-    shape = logits_before.shape[:-1]
-    return (torch.empty(shape, dtype=acc, device=logits_before.device),
-            torch.empty(shape, dtype=acc, device=logits_before.device))
 
 
 def _check(logits_before, logits_after, temperature, row_mask, impl):
@@ -55,8 +37,7 @@ def _check(logits_before, logits_after, temperature, row_mask, impl):
                         f"{logits_after.dtype}")
     check_same_device("logits_after", logits_after, "logits_before", logits_before)
     check_positive("temperature", temperature)
-    if not _FP32_TINY <= LOG2E / temperature <= _FP32_MAX:
-        raise ValueError(f"temperature must keep log2(e) / temperature a normal fp32 number, got {temperature}")
+    check_temperature_range(temperature)
     check_choice("impl", impl, ("auto", "triton", "torch"))
     rows = logits_before.shape[:-1]
     if row_mask is None:
@@ -68,12 +49,7 @@ def _check(logits_before, logits_after, temperature, row_mask, impl):
                              f"{tuple(row_mask.shape)}")
         check_same_device("row_mask", row_mask, "logits_before", logits_before)
         row_mask = row_mask != 0
-    # The kernel accumulates in fp32: fp64 logits (for checks) take the PyTorch path, in fp64.
-    triton_ok = (logits_before.is_cuda or INTERPRETING) and logits_before.dtype != torch.float64
-    if impl == "triton" and not triton_ok:
-        raise ValueError("impl='triton' needs bf16/fp16/fp32 logits on a CUDA device, or TRITON_INTERPRET=1 set "
-                         "before importing covkernels to run the kernel on the CPU")
-    return row_mask, triton_ok and impl != "torch"
+    return row_mask, use_triton_for("logits_before", logits_before, impl)
 
 
 def entropy_change_from_logits(logits_before, logits_after, *, temperature=1.0, row_mask=None, impl="auto"):

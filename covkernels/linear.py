@@ -6,7 +6,7 @@ import torch
 
 from ._validation import check_lm_head
 from .logprobs import TokenStats
-from .ops.linear_pass_function import linear_fwd_op
+from .ops.lm_head.op import linear_fwd_op
 
 
 class LMHead(NamedTuple):

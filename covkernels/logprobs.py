@@ -4,7 +4,8 @@ from typing import NamedTuple
 import torch
 
 from ._validation import check_choice, check_fraction, check_logits_targets, check_positive
-from .ops.fused_pass_function import clamped_fwd_op, fused_fwd_op
+from .ops.clamped_entropy.op import clamped_fwd_op
+from .ops.fused_pass.op import fused_fwd_op
 
 
 class TokenStats(NamedTuple):

@@ -6,7 +6,7 @@ import torch
 
 import covkernels as ck
 import python_ref as ref
-from covkernels.ops.clamped_entropy import clamped_fwd
+from covkernels.ops.clamped_entropy.kernels import clamped_fwd
 from helpers import LAYOUTS, make_logits, make_targets, upstream
 from tolerances import TOLERANCES, assert_close_to_ref
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import covkernels as ck
 import python_ref as ref
-from covkernels.ops import compiled as C
+from covkernels.ops.common import compiled as C
 from helpers import LAYOUTS, make_logits, make_targets, upstream
 from tolerances import assert_close_to_ref, max_err
 

@@ -8,8 +8,9 @@ import torch.distributed as dist
 
 import covkernels as ck
 from covkernels.distributed import CovSelection, vocab_parallel_logprobs_and_entropy, vocab_parallel_token_stats
-from covkernels.ops import vocab_parallel as vp
-from covkernels.ops.fused_pass import fused_fwd, fused_fwd_partials
+from covkernels.ops.vocab_parallel import op as vp
+from covkernels.ops.vocab_parallel import torch_path as vpt
+from covkernels.ops.fused_pass.kernels import fused_fwd, fused_fwd_partials
 from tolerances import max_err
 
 SELECTIVE = dict(clip_cov_ratio=0.1, clip_cov_lb=0.02, clip_cov_ub=3.0, kl_cov_ratio=0.1)
@@ -143,14 +144,14 @@ def test_triton_partials_and_shard_backward_match_torch(dtype):
     for start, stop in itertools.pairwise(cuts):
         x = logits[..., start:stop]
         got = fused_fwd_partials(x, targets, 0.7, -100, True)
-        want = vp._partials_torch(x, targets, 0.7, -100, True)
+        want = vpt.partials_torch(x, targets, 0.7, -100, True)
         assert torch.equal(got[0], want[0])  # the shard's reference, exactly
         assert max_err(got, want) <= 1e-6 * (1 + want[1:].abs().max().item())
-        local_t = vp._shard_targets(targets, start, stop - start, -100)
+        local_t = vpt.shard_targets(targets, start, stop - start, -100)
         out = torch.empty(x.shape, dtype=dtype)
         got = vp.fused_bwd(logits=x, targets=local_t, lse2=lse2, entropy=ent, grad_logp=g_logp, grad_entropy=g_ent,
                            inv_temp=0.7, ignore_index=-100, out=out, check_target=False)
-        want = vp._bwd_torch(x, local_t, lse2, ent, g_logp, g_ent, 0.7, -100)
+        want = vpt.bwd_torch(x, local_t, lse2, ent, g_logp, g_ent, 0.7, -100)
         ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
         assert max_err(got, want) <= ulp * (1 + want.abs().max().item())
 

@@ -11,9 +11,9 @@ import triton.language as tl
 
 import covkernels as ck
 import python_ref as ref
-from covkernels.ops import entropy_change_torch
-from covkernels.ops.entropy_change import entropy_change_fwd
-from covkernels.ops.entropy_change_torch import entropy_change_fwd_torch
+from covkernels.ops.entropy_change.kernels import entropy_change_fwd
+from covkernels.ops.entropy_change.torch_path import entropy_change_fwd_torch
+from covkernels.ops.common import layout
 from helpers import make_logits
 from test_memory import AllocationLog
 from tolerances import assert_close_to_ref, max_err
@@ -165,7 +165,7 @@ def test_triton_launcher_allocates_only_row_vectors():
 def test_torch_path_works_in_bounded_blocks(monkeypatch):
     before, after = make_pair("sliced", 64, 5000, torch.bfloat16)
     mask = torch.ones(before.shape[:-1], dtype=torch.bool)
-    monkeypatch.setattr(entropy_change_torch, "_CHUNK_ELEMS", 4 * 5000)
+    monkeypatch.setattr(layout, "CHUNK_ELEMS", 2 * 4 * 5000)
     with AllocationLog() as log:
         entropy_change_fwd_torch(before, after, mask, 0.7)
     # fp32 temporaries of one block of 4 rows at a time: far below one [N, V] fp32 copy.

@@ -157,7 +157,7 @@ BAD_INPUTS = [
 def test_bad_input_raises_naming_the_argument(fn, case, monkeypatch):
     _, make, exc, match = case
     for name in ("linear_fwd", "linear_fwd_torch"):
-        monkeypatch.setattr(f"covkernels.ops.linear_pass_function.{name}", _no_launch)
+        monkeypatch.setattr(f"covkernels.ops.lm_head.op.{name}", _no_launch)
     (h, w, b, t), kw = make(torch.randn(2, 3, 6), torch.randn(10, 6), torch.randn(10),
                             torch.randint(0, 10, (2, 3)))
     with pytest.raises(exc, match=match):

@@ -6,9 +6,9 @@ import torch
 
 import covkernels as ck
 import python_ref as ref
-from covkernels.ops import linear_pass_torch
-from covkernels.ops.linear_pass import linear_bwd, linear_fwd
-from covkernels.ops.linear_pass_torch import linear_bwd_torch, linear_fwd_torch
+from covkernels.ops.lm_head.kernels import linear_bwd, linear_fwd
+from covkernels.ops.lm_head.torch_path import linear_bwd_torch, linear_fwd_torch
+from covkernels.ops.common import layout
 from helpers import upstream
 from test_linear import make_head, targets_for
 from test_memory import AllocationLog
@@ -53,12 +53,12 @@ def test_triton_backward_holds_one_vocabulary_chunk(case):
 
 def test_torch_path_works_in_bounded_blocks(case, monkeypatch):
     hidden, weight, bias, targets, g_logp, g_ent = case
-    monkeypatch.setattr(linear_pass_torch, "_CHUNK_ELEMS", N * CHUNK)
+    monkeypatch.setattr(layout, "CHUNK_ELEMS", N * CHUNK)
     with AllocationLog() as log:
         out = linear_fwd_torch(hidden, weight, bias, targets, 1.0, -100, True)
         linear_bwd_torch(hidden, weight, bias, targets, out[5], out[1], g_logp, g_ent, 1.0, -100)
     itemsize = hidden.element_size()
-    # Blocks of _CHUNK_ELEMS fp32 logits (or their gradient), never one [N, V] buffer.
+    # Blocks of layout.CHUNK_ELEMS fp32 logits (or their gradient), never one [N, V] buffer.
     assert max(log.sizes) <= _backward_bound(4 * N * CHUNK, itemsize), log.sizes
     assert max(log.sizes) < N * V
 

@@ -6,7 +6,7 @@ import torch
 
 import covkernels as ck
 import python_ref as ref
-from covkernels.ops.fused_pass import fused_bwd, fused_fwd
+from covkernels.ops.fused_pass.kernels import fused_bwd, fused_fwd
 from helpers import LAYOUTS, make_logits, make_targets, upstream
 from tolerances import assert_close_to_ref, max_err
 

@@ -126,8 +126,8 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("fn", [ck.logprobs_and_entropy, ck.token_stats], ids=["logprobs", "token_stats"])
 def test_bad_input_raises_naming_the_argument(fn, case, monkeypatch):
     _, make, kwargs, exc, match = case
-    monkeypatch.setattr("covkernels.ops.fused_pass_function.fused_fwd", _no_launch)
-    monkeypatch.setattr("covkernels.ops.fused_pass_function.fused_fwd_torch", _no_launch)
+    monkeypatch.setattr("covkernels.ops.fused_pass.op.fused_fwd", _no_launch)
+    monkeypatch.setattr("covkernels.ops.fused_pass.op.fused_fwd_torch", _no_launch)
     logits, targets = make(torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3)))
     with pytest.raises(exc, match=match):
         fn(logits, targets, **kwargs)

@@ -5,9 +5,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import covkernels as ck
-from covkernels.ops import fused_pass_torch
-from covkernels.ops.fused_pass import fused_bwd, fused_fwd
-from covkernels.ops.fused_pass_torch import fused_bwd_torch, fused_fwd_torch
+from covkernels.ops.fused_pass.kernels import fused_bwd, fused_fwd
+from covkernels.ops.fused_pass.torch_path import fused_bwd_torch, fused_fwd_torch
+from covkernels.ops.common import layout
 from helpers import make_logits, make_targets, upstream
 
 N_ROWS, V = 64, 5000
@@ -50,7 +50,7 @@ def test_triton_launchers_allocate_only_row_vectors(case):
 
 def test_torch_path_works_in_bounded_blocks(case, monkeypatch):
     logits, targets, g_logp, g_ent = case
-    monkeypatch.setattr(fused_pass_torch, "_CHUNK_ELEMS", 4 * V)
+    monkeypatch.setattr(layout, "CHUNK_ELEMS", 4 * V)
     with AllocationLog() as log:
         _, ent, lse, _, _, lse2 = fused_fwd_torch(logits, targets, 1.0, -100, True)
         fused_bwd_torch(logits, targets, lse2, ent, g_logp, g_ent, 1.0, -100, logits)

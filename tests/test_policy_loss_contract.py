@@ -82,8 +82,8 @@ def test_bad_hyperparameters_name_the_argument(name, kw, exc):
                                  "mask_shape", "adv_shape", "logits_2d"])
 def test_bad_tensors_raise_before_any_launch(bad, monkeypatch):
     logits, targets, old_logp, advantages, mask = make_batch()
-    monkeypatch.setattr("covkernels.ops.fused_pass_function.fused_fwd", _no_launch)
-    monkeypatch.setattr("covkernels.ops.fused_pass_function.fused_fwd_torch", _no_launch)
+    monkeypatch.setattr("covkernels.ops.fused_pass.op.fused_fwd", _no_launch)
+    monkeypatch.setattr("covkernels.ops.fused_pass.op.fused_fwd_torch", _no_launch)
     mask[0, 0] = True
     if bad == "old_logp_positive":
         old_logp[0, 0], match = 0.5, "old_logp"

@@ -93,14 +93,14 @@ def test_wheel_holds_only_the_packages(wheel):
     assert top == PACKAGES, f"unexpected top-level entries in the wheel: {sorted(top - PACKAGES)}"
     assert all(name.endswith(".py") for name in names if ".dist-info/" not in name), names
     assert "covkernels/integrations/trl.py" in names and "covkernels/integrations/verl.py" in names
-    assert "covkernels/ops/fused_pass.py" in names
+    assert "covkernels/ops/fused_pass/kernels.py" in names
 
 
 def test_sdist_keeps_the_reference_and_the_tests(source, tmp_path):
     sdist = tarfile.open(build(source, tmp_path, "sdist"))
     names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
     assert {"python_ref/__init__.py", "python_ref/logprobs.py", "tests/conftest.py", "MANIFEST.in"} <= names
-    assert "covkernels/ops/fused_pass.py" in names and "pyproject.toml" in names
+    assert "covkernels/ops/fused_pass/kernels.py" in names and "pyproject.toml" in names
 
 
 def running_site_packages():

@@ -8,10 +8,11 @@ the plain pass's with the removed entries at -inf: the row max is always kept, s
 """
 import torch
 
-from . import rowmath_torch as rm
-from .compiled import run
-from .fused_pass_torch import _CHUNK_ELEMS, fused_bwd_torch, fused_fwd_torch, row_blocks, target_masks
-from .layout import acc_dtype, scale_args
+from ..common import rowmath_torch as rm
+from ..common.compiled import run
+from ..fused_pass.torch_path import fused_bwd_torch, fused_fwd_torch, row_blocks, target_masks
+from ..common import layout
+from ..common.layout import acc_dtype, scale_args
 
 
 def removed(x, k):
@@ -50,7 +51,7 @@ def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, s
     outs = fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats)
     valid, bad, _ = target_masks(targets, V, ignore_index)
     sums = torch.zeros((4, valid.numel()), dtype=acc, device=logits.device)
-    for sl, x in row_blocks(logits, chunk=_CHUNK_ELEMS):  # the kept set takes a few copies of a block
+    for sl, x in row_blocks(logits, chunk=layout.CHUNK_ELEMS):  # the kept set takes a few copies of a block
         sums[:, sl] = run(_kept_sums, x.to(acc), k, scale)
     lk, s1k, tau, cut = sums
     lk = torch.where(valid, lk, 1.0)

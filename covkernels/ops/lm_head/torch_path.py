@@ -1,7 +1,7 @@
 """The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64).
 
 Same interface and outputs as the launchers in linear_pass.py. The logits exist one block of at most
-_CHUNK_ELEMS elements at a time (rows x vocabulary columns): the forward folds each block's base-2 row sums
+layout.CHUNK_ELEMS elements at a time (rows x vocabulary columns): the forward folds each block's base-2 row sums
 (rowmath_torch.py) into the rows' running sums, as the vocabulary-parallel path folds shards; the backward
 recomputes each block and takes the fused pass's gradient of it. Big blocks run through torch.compile.
 """
@@ -9,18 +9,18 @@ import math
 
 import torch
 
-from . import rowmath_torch as rm
-from .compiled import run
-from .fused_pass_torch import target_masks
-from .layout import acc_dtype, new_outputs, scale_args
+from ..common import rowmath_torch as rm
+from ..common.compiled import run
+from ..fused_pass.torch_path import target_masks
+from ..common import layout
+from ..common.layout import acc_dtype, new_outputs, scale_args
 
-_CHUNK_ELEMS = 1 << 21
 
 
 def _blocks(N, V):
-    """(rows, columns) of one block: about square in elements, rows * columns <= _CHUNK_ELEMS."""
-    cols = max(1, min(V, math.isqrt(_CHUNK_ELEMS)))
-    return max(1, _CHUNK_ELEMS // cols), cols
+    """(rows, columns) of one block: about square in elements, rows * columns <= layout.CHUNK_ELEMS."""
+    cols = max(1, min(V, math.isqrt(layout.CHUNK_ELEMS)))
+    return max(1, layout.CHUNK_ELEMS // cols), cols
 
 
 def _logits(h_rows, weight, bias, c0, c1, acc):

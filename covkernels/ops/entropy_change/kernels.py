@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import pick_block, read_in_pairs
-from .rowmath import LN2, U_FLOOR, load_halves, row_offset
+from ..common.layout import pick_block, read_in_pairs
+from ..common.rowmath import LN2, U_FLOOR, load_halves, row_offset
 
 LOG2E = 1.4426950408889634
 # Raw logits are clamped here on the second, careful read: 2^u = 0 and every product finite (see below).

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import new_outputs, num_splits, pick_block, read_in_pairs, row_layout, scale_args
-from .rowmath import (finish_row, grad_coeffs, load_halves, merge_sums, overflows, row_offset, row_sums_safe,
+from ..common.layout import new_outputs, num_splits, pick_block, read_in_pairs, row_layout, scale_args
+from ..common.rowmath import (finish_row, grad_coeffs, load_halves, merge_sums, overflows, row_offset, row_sums_safe,
                       softmax_grad)
 
 

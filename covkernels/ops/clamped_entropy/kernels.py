@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .layout import new_outputs, read_in_pairs, row_layout, scale_args
-from .rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, finish_row, grad_coeffs, load_halves,
+from ..common.layout import new_outputs, read_in_pairs, row_layout, scale_args
+from ..common.rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, finish_row, grad_coeffs, load_halves,
                       overflows, row_offset, scaled, softmax_grad)
 
 # Programs of several warps (few rows in flight at once, so a row is still in L2 at its later passes).

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .fused_pass_function import _no_context, _no_double_backward
-from .layout import acc_dtype, new_outputs
-from .linear_pass import linear_bwd, linear_fwd
-from .linear_pass_torch import linear_bwd_torch, linear_fwd_torch
+from ..common.custom_ops import first_order_only
+from ..common.layout import acc_dtype, new_outputs
+from .kernels import linear_bwd, linear_fwd
+from .torch_path import linear_bwd_torch, linear_fwd_torch
 
 
 @torch.library.custom_op("covkernels::linear_fwd", mutates_args=())
@@ -70,4 +70,4 @@ def _backward(ctx, grad_logp, grad_entropy, *_):
 
 
 linear_fwd_op.register_autograd(_backward, setup_context=_setup_context)
-linear_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
+first_order_only(linear_bwd_op)

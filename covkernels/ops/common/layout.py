@@ -13,6 +13,9 @@ _NUM_WARPS = 1
 # Programs per SM the split heuristic aims for (one-warp programs, up to 32 resident per SM).
 _PROGRAMS_PER_SM = 16
 _LOG2E = 1.4426950408889634
+# The PyTorch paths' blocks: at most this many elements of logits (or logit tiles) at a time, a few fp32
+# copies of which are their working memory, never a full fp32 [N, V] copy.
+CHUNK_ELEMS = 1 << 21
 
 
 def row_layout(x, inner=None):

@@ -13,27 +13,10 @@ group (the loss computed redundantly on each tensor-parallel rank, as Megatron d
 import torch
 import torch.distributed as dist
 
-from . import rowmath_torch as rm
-from .fused_pass import fused_bwd, fused_fwd_partials
-from .layout import acc_dtype, scale_args
-
-_CHUNK_ELEMS = 1 << 21
-
-
-def _partials_torch(logits, targets, inv_temp, ignore_index, stats):
-    """fused_pass.fused_fwd_partials in chunked PyTorch (never an fp32 copy of more than _CHUNK_ELEMS)."""
-    V = logits.shape[-1]
-    acc = acc_dtype(logits.dtype)
-    x = logits.reshape(-1, V)
-    valid = targets.reshape(-1) != ignore_index
-    part = torch.zeros((5, x.shape[0]), dtype=acc, device=logits.device)
-    part[0] = float("-inf")
-    scale, _ = scale_args(inv_temp, logits.dtype)
-    step = max(1, _CHUNK_ELEMS // max(V, 1))
-    for i in range(0, x.shape[0], step):
-        sums = rm.block_sums(x[i:i + step], scale, stats)
-        part[:, i:i + step] = torch.where(valid[i:i + step], sums, part[:, i:i + step])
-    return part
+from ..common import rowmath_torch as rm
+from ..common.layout import scale_args
+from ..fused_pass.kernels import fused_bwd, fused_fwd_partials
+from .torch_path import bwd_torch, partials_torch, shard_targets
 
 
 def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_index, stats, use_triton):
@@ -42,7 +25,7 @@ def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_ind
     holding each valid row's target (1 for a good target; a row with none is NaN in every output); lse2
     [2, ...] for the backward. Two all-reduces, as the module docstring says."""
     V = logits.shape[-1]
-    launch = fused_fwd_partials if use_triton else _partials_torch
+    launch = fused_fwd_partials if use_triton else partials_torch
     m_shard, l, s1, q, q1 = launch(logits, targets, inv_temp, ignore_index, stats)
     acc = m_shard.dtype
     valid = targets != ignore_index
@@ -72,32 +55,6 @@ def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_ind
     return logp.view(shape), ent.view(shape), lse.view(shape), s2, s3, owner, lse2.view(2, *shape)
 
 
-def _shard_targets(targets, vocab_start, V, ignore_index):
-    """Targets relative to the shard; a target another shard holds becomes a column no program matches
-    (and never ignore_index), so its row gets the full -p and entropy terms without the delta."""
-    elsewhere = -1 if ignore_index != -1 else -2
-    local_t = targets - vocab_start
-    owned = (local_t >= 0) & (local_t < V)
-    return torch.where(targets == ignore_index, targets, torch.where(owned, local_t, elsewhere))
-
-
-def _bwd_torch(logits, local_t, lse2, entropy, g_logp, g_ent, inv_temp, ignore_index):
-    """dz of one shard (SPEC section 3), chunked PyTorch; local_t from _shard_targets."""
-    V = logits.shape[-1]
-    acc = acc_dtype(logits.dtype)
-    x = logits.reshape(-1, V)
-    out = torch.empty(x.shape, dtype=logits.dtype, device=logits.device)
-    t, lse2, ent = local_t.reshape(-1), lse2.reshape(2, -1), entropy.reshape(-1)
-    g_logp, g_ent = g_logp.reshape(-1).to(acc), g_ent.reshape(-1).to(acc)
-    scale, inv_temp = scale_args(inv_temp, logits.dtype)
-    step = max(1, _CHUNK_ELEMS // max(V, 1))
-    for i in range(0, x.shape[0], step):
-        sl = slice(i, i + step)
-        out[sl] = rm.grad(x[sl], t[sl], t[sl] != ignore_index, lse2[:, sl], ent[sl], g_logp[sl], g_ent[sl], scale,
-                          inv_temp)
-    return out.view(logits.shape)
-
-
 class VocabParallelFunction(torch.autograd.Function):
     """logits shard [..., V_shard], targets [...] -> (logp, entropy, lse, sum_p2, sum_p2_logp, owner);
     logp and entropy are differentiable, the rest are not."""
@@ -118,11 +75,11 @@ class VocabParallelFunction(torch.autograd.Function):
         vocab_start, inv_temp, ignore_index, use_triton = ctx.args
         grad_logp = torch.zeros_like(entropy) if grad_logp is None else grad_logp
         grad_entropy = torch.zeros_like(entropy) if grad_entropy is None else grad_entropy
-        local_t = _shard_targets(targets, vocab_start, logits.shape[-1], ignore_index)
+        local_t = shard_targets(targets, vocab_start, logits.shape[-1], ignore_index)
         if use_triton:
             out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
             grad = fused_bwd(logits, local_t, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                              check_target=False)
         else:
-            grad = _bwd_torch(logits, local_t, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index)
+            grad = bwd_torch(logits, local_t, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index)
         return grad, None, None, None, None, None, None, None

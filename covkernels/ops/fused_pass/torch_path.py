@@ -4,26 +4,26 @@ Same interface and outputs as the Triton launchers in fused_pass.py, and the sam
 base-2 sums relative to each row's max, lse2 = (m, L)), so the temperature and large logits cost no
 accuracy and either path's lse2 serves the other's backward. Logits of at least compiled.MIN_ELEMS elements
 run through torch.compile (one fused loop per row, no [N, V] temporaries); smaller ones eagerly, in blocks of
-at most _CHUNK_ELEMS elements (a few fp32 copies of one block, never a full fp32 [N, V] copy).
+at most layout.CHUNK_ELEMS elements (a few fp32 copies of one block, never a full fp32 [N, V] copy).
 """
 import torch
 
-from . import rowmath_torch as rm
-from .compiled import compiles, run
-from .layout import acc_dtype, new_outputs, row_layout, scale_args
+from ..common import rowmath_torch as rm
+from ..common.compiled import compiles, run
+from ..common import layout
+from ..common.layout import acc_dtype, new_outputs, row_layout, scale_args
 
-_CHUNK_ELEMS = 1 << 21
 
 
 def row_blocks(logits, inner=None, chunk=None):
     """Yields (rows, x): x a [rows, V] view (writable) of consecutive rows of logits, in row order; blocks
-    of `chunk` elements (default: _CHUNK_ELEMS, or whole runs of rows of one stride when they compile)."""
+    of `chunk` elements (default: layout.CHUNK_ELEMS, or whole runs of rows of one stride when they compile)."""
     x, N, V, inner, _, _ = row_layout(logits, inner)
     # One uniform row stride: a single run of N rows, cut into blocks.
     rows = x.view(-1, V).unsqueeze(0) if inner == 1 else x.view(-1, inner, V)
     inner = rows.shape[1]
     if chunk is None:
-        chunk = x.numel() if compiles(x.numel()) else _CHUNK_ELEMS
+        chunk = x.numel() if compiles(x.numel()) else layout.CHUNK_ELEMS
     step = max(1, chunk // max(V, 1))
     for o in range(rows.shape[0]):
         for i in range(0, inner, step):
@@ -84,7 +84,7 @@ def fused_bwd_torch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv
     # An `out` no two strides describe is written through a copy, then copied back.
     dst_all = row_layout(out, inner)[0]
     # An extra gradient (AEnt's) takes a few copies of its block: bounded blocks for it.
-    chunk = None if extra_grad is None else _CHUNK_ELEMS
+    chunk = None if extra_grad is None else layout.CHUNK_ELEMS
     for (sl, x), (_, dst) in zip(row_blocks(logits, chunk=chunk), row_blocks(dst_all, inner, chunk)):
         args = [a[..., sl] for a in per_row] + [scale, inv_temp]
         if extra_grad is None and dst.data_ptr() == x.data_ptr():  # `out` is `logits`: the same view

@@ -1,11 +1,11 @@
 """The entropy change under a logit update in plain PyTorch, a block of rows at a time, for CPU tensors
 without the interpreter (and fp64). Same interface and outputs as entropy_change.entropy_change_fwd;
-working memory is a few fp32 copies of _CHUNK_ELEMS logits, never of the whole [N, V]."""
+working memory is a few fp32 copies of half of layout.CHUNK_ELEMS logits (it reads two tensors), never of
+the whole [N, V]."""
 import torch
 
-from .entropy_change import row_blocks_view
-
-_CHUNK_ELEMS = 1 << 20
+from ..common import layout
+from .kernels import row_blocks_view
 
 
 def _entropy(shifted, temperature):
@@ -36,7 +36,7 @@ def entropy_change_fwd_torch(logits_before, logits_after, row_mask, temperature)
     outer, inner, V = xb.shape
     pred_rows, act_rows = predicted.view(outer, inner), actual.view(outer, inner)
     valid_rows = row_mask.reshape(outer, inner)
-    step = max(1, _CHUNK_ELEMS // V)
+    step = max(1, layout.CHUNK_ELEMS // 2 // V)
     for o in range(outer):
         for i in range(0, inner, step):
             rows = slice(i, min(i + step, inner))

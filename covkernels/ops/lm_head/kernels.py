@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._validation import INTERPRETING
-from .layout import new_outputs, scale_args
-from .rowmath import U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
+from ..._validation import INTERPRETING
+from ..common.layout import new_outputs, scale_args
+from ..common.rowmath import U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
 _MAX_CHUNK = 8192
 _BWD_CHUNK_ELEMS = 1 << 25

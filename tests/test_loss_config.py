@@ -61,8 +61,9 @@ def test_unknown_keyword_and_config_type_are_named():
 
 def test_schedules_are_read_at_step():
     ctl = ck.AEntController(coef=1e-3)
-    config = LossConfig("kl_cov", entropy_coef=schedules.linear(0.1, 0.0, 10), kl_cov_ratio=schedules.cosine(0.2, 0.0, 10),
-                        ppo_kl_coef=lambda step: 1.0 / (1 + step), aent_coef=ctl)
+    config = LossConfig("kl_cov", entropy_coef=schedules.linear(0.1, 0.0, 10),
+                        kl_cov_ratio=schedules.cosine(0.2, 0.0, 10), ppo_kl_coef=lambda step: 1.0 / (1 + step),
+                        aent_coef=ctl)
     assert config.clamp_fraction == ctl.clamp_fraction  # the controller's p
     for step in (0, 5, 10, 20):
         at = config.at(step)

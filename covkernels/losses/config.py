@@ -156,7 +156,8 @@ def _check(config, coefs):
     if config.clip_ratio_c is not None:
         _check_real("clip_ratio_c", config.clip_ratio_c)
         if not config.clip_ratio_c > 1:
-            raise ValueError(f"clip_ratio_c must be > 1 (or None to turn the dual clip off), got {config.clip_ratio_c}")
+            raise ValueError(f"clip_ratio_c must be > 1 (or None to turn the dual clip off), "
+                             f"got {config.clip_ratio_c}")
     _check_real("clip_cov_lb", config.clip_cov_lb)
     _check_real("clip_cov_ub", config.clip_cov_ub)
     if not config.clip_cov_lb < config.clip_cov_ub:
@@ -170,7 +171,8 @@ def _check(config, coefs):
     if config.clamp_fraction is not None:
         check_fraction("clamp_fraction", config.clamp_fraction)
     elif active(config.aent_coef):
-        raise ValueError(f"clamp_fraction must be given when aent_coef != 0 (AEnt's p), got aent_coef={config.aent_coef}")
+        raise ValueError(f"clamp_fraction must be given when aent_coef != 0 (AEnt's p), "
+                         f"got aent_coef={config.aent_coef}")
     check_positive("temperature", config.temperature)
     check_temperature_range(config.temperature)
     if isinstance(config.ignore_index, bool) or not isinstance(config.ignore_index, numbers.Integral):

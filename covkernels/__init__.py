@@ -4,7 +4,7 @@ from .aent import AEntController
 from .dynamics import EntropyChange, entropy_change_from_logits
 from .linear import LMHead, linear_logprobs_and_entropy, linear_token_stats
 from .logprobs import TokenStats, entropy_change, logprobs_and_entropy, token_stats
-from .losses import agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
+from .losses import LossConfig, agg_loss, clip_cov_loss, kl_cov_loss, policy_loss, ppo_loss, token_loss
 from .modules import PolicyLoss
 from .selection import clip_cov_select, cov_scores, kl_cov_select
 from .theory import EntropyLaw, entropy_regularized_policy, fit_entropy_law
@@ -14,6 +14,7 @@ __all__ = [
     "AEntController",
     "EntropyLaw",
     "LMHead",
+    "LossConfig",
     "PolicyLoss",
     "TokenStats",
     "agg_loss",

@@ -28,7 +28,9 @@ import torch
 
 from ._validation import check_logits_targets
 from .logprobs import TokenStats
-from .losses import _check_hyper, _check_tokens, _ratio_terms
+from .losses.config import call_config
+from .losses.policy import check_tokens
+from .losses.terms import ratio_terms
 from .ops.vocab_parallel.op import VocabParallelFunction
 from .selection import loss_selection
 
@@ -61,9 +63,8 @@ class CovSelection:
         return [self[i:i + micro_batch_size] for i in range(0, self.selected.shape[0], micro_batch_size)]
 
     @classmethod
-    def build(cls, logp, old_logp, advantages, response_mask, *, method, entropy=None, centering="batch",
-              clip_ratio=0.2, clip_ratio_low=None, clip_ratio_high=None, clip_cov_ratio=2e-4, clip_cov_lb=1.0,
-              clip_cov_ub=5.0, kl_cov_ratio=2e-4, generator=None, process_group=None, validate=True):
+    def build(cls, logp, old_logp, advantages, response_mask, config=None, *, entropy=None, generator=None,
+              process_group=None, **overrides):
         """Selects over the whole mini-batch [B, T] (and every rank of process_group) at once.
 
         logp: the log-probs the selection is made from, detached: those of a `torch.no_grad()` forward of
@@ -72,6 +73,9 @@ class CovSelection:
             equal to it on exactly on-policy data). entropy: from the same forward, for
             centering="state". old_logp, advantages, response_mask: as policy_loss. Use the mask the loss
             uses (response_mask with ignored targets removed).
+        config, overrides: the loss's LossConfig (of numbers: `config.at(step)`) and fields by name, as
+            policy_loss takes them; method, centering, the clip ratios, the Clip-Cov and KL-Cov fields
+            and validate are read.
         Clip-Cov candidates exclude the tokens PPO clips at these log-probs (clip_ratio*); a ratio of 0
         selects nothing (the collectives still run, so every rank makes the same calls). The rules,
         keys and tie-breaking are policy_loss's: with one micro-batch, policy_loss(..., selection=sel)
@@ -79,30 +83,24 @@ class CovSelection:
         Collectives with process_group: one all-reduce of 6 float64, plus for clip_cov / kl_cov one
         all-gather of 2 * n_max float64 per rank.
         """
-        hyper = dict(method=method, clip_ratio=clip_ratio, clip_ratio_low=clip_ratio_low,
-                     clip_ratio_high=clip_ratio_high, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
-                     clip_cov_ub=clip_cov_ub, clip_ratio_c=None, kl_cov_ratio=kl_cov_ratio, ppo_kl_coef=0.0,
-                     centering=centering, entropy_coef=0.0, loss_agg_mode="token-mean")
-        _check_hyper(hyper)
-        if centering == "state" and entropy is None:
+        config = call_config(config, overrides)
+        if config.centering == "state" and entropy is None:
             raise ValueError("entropy must be given for centering='state', got None")
         tensors = dict(old_logp=old_logp, advantages=advantages, response_mask=response_mask, entropy=entropy)
         if not isinstance(logp, torch.Tensor):
             raise TypeError(f"logp must be a [B, T] tensor, got {type(logp).__name__}")
-        valid = _check_tokens(logp.shape, logp.device, tensors, validate)
+        valid = check_tokens(logp.shape, logp.device, tensors, config.validate)
         logp = logp.detach()
-        dtype, _, _, _, _, clipped = _ratio_terms(logp, old_logp, advantages, valid, method, clip_ratio,
-                                                     clip_ratio_low, clip_ratio_high)
+        terms = ratio_terms(logp, old_logp, advantages, valid, config)
+        dtype = terms.pg2.dtype
         scores, selected, counts = loss_selection(
             logp.to(dtype), advantages.to(dtype), None if entropy is None else entropy.detach().to(dtype), valid,
-            clipped, method=method, centering=centering, clip_cov_ratio=clip_cov_ratio, clip_cov_lb=clip_cov_lb,
-            clip_cov_ub=clip_cov_ub, kl_cov_ratio=kl_cov_ratio, generator=generator, process_group=process_group,
-            validate=validate)
+            terms.clipped, config, generator=generator, process_group=process_group)
         if counts is None:
             num_tokens, num_seqs = valid.sum(), valid.any(-1).sum()
         else:
             num_tokens, num_seqs = counts[2], counts[3]
-        return cls(method, selected, scores, num_tokens, num_seqs)
+        return cls(config.method, selected, scores, num_tokens, num_seqs)
 
 
 def _vocab_parallel(logits, targets, vocab_start, vocab_group, temperature, ignore_index, stats, validate, impl):

@@ -12,7 +12,8 @@ import numbers
 from dataclasses import dataclass
 
 
-def _check_step(step):
+def check_step(step):
+    """A step is an int >= 0; ValueError naming it otherwise."""
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
 
@@ -34,7 +35,7 @@ class Constant:
     value: float
 
     def __call__(self, step):
-        _check_step(step)
+        check_step(step)
         return self.value
 
 
@@ -47,7 +48,7 @@ class Linear:
     steps: int
 
     def __call__(self, step):
-        _check_step(step)
+        check_step(step)
         if step >= self.steps:
             return self.end
         return self.start + (self.end - self.start) * step / self.steps
@@ -62,7 +63,7 @@ class Cosine:
     steps: int
 
     def __call__(self, step):
-        _check_step(step)
+        check_step(step)
         if step >= self.steps:
             return self.end
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * step / self.steps))
@@ -76,7 +77,7 @@ class Exponential:
     rate: float
 
     def __call__(self, step):
-        _check_step(step)
+        check_step(step)
         return self.start * self.rate ** step
 
 

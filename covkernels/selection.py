@@ -219,12 +219,13 @@ def kl_cov_select(scores, response_mask, *, ratio=2e-4, process_group=None):
     return select_top(scores, valid, n, descending=True, ratio=ratio, group=process_group)
 
 
-def loss_selection(logp, advantages, entropy, valid, clipped, *, method, centering, clip_cov_ratio, clip_cov_lb,
-                   clip_cov_ub, kl_cov_ratio, generator, process_group, validate):
-    """(scores, selected, counts) of a loss call (losses.py), sharing one all-reduce among the means,
+def loss_selection(logp, advantages, entropy, valid, clipped, config, *, generator, process_group):
+    """(scores, selected, counts) of a loss call (covkernels.losses), sharing one all-reduce among the means,
     N_valid and the aggregation denominators. logp, advantages, entropy: [B, T] in the loss dtype;
-    clipped: the PPO-clipped tokens. counts: None, or with a process group the float64
+    clipped: the PPO-clipped tokens; config: the call's LossConfig (method, centering, the Clip-Cov and
+    KL-Cov fields, validate). counts: None, or with a process group the float64
     [sum l, sum A, N_valid, N_seqs, numel, numel^2] over all ranks."""
+    method, centering = config.method, config.centering
     counts = None
     if process_group is None:
         scores = cov_scores(logp, advantages, valid, centering=centering, entropy=entropy)
@@ -235,7 +236,7 @@ def loss_selection(logp, advantages, entropy, valid, clipped, *, method, centeri
         f64 = torch.float64
         counts = sum_over_ranks([masked_sum(logp.to(f64), valid), masked_sum(adv.to(f64), valid), valid.sum(),
                                  valid.any(-1).sum(), numel, numel * numel], process_group)
-        if validate and not torch.compiler.is_compiling():
+        if config.validate and not torch.compiler.is_compiling():
             # Equal [B, T] on every rank iff world * sum(numel^2) == sum(numel)^2; every rank sees the same
             # sums, so all raise together (one host sync, validate only).
             world = dist.get_world_size(process_group)
@@ -247,13 +248,15 @@ def loss_selection(logp, advantages, entropy, valid, clipped, *, method, centeri
                                    None if entropy is None else entropy.detach(), means)
         n_valid = counts[2]
     if method == "kl_cov":
-        n = n_select(kl_cov_ratio, count=n_valid)
-        selected = select_top(scores, valid, n, descending=True, ratio=kl_cov_ratio, group=process_group)
+        ratio = config.kl_cov_ratio
+        n = n_select(ratio, count=n_valid)
+        selected = select_top(scores, valid, n, descending=True, ratio=ratio, group=process_group)
     elif method == "clip_cov":
+        ratio = config.clip_cov_ratio
         keys = clip_cov_keys(valid.shape, generator, scores.device, process_group)
-        candidates = clip_cov_candidates(scores, valid, clipped, clip_cov_lb, clip_cov_ub)
-        n = n_select(clip_cov_ratio, count=n_valid)
-        selected = select_top(keys, candidates, n, descending=False, ratio=clip_cov_ratio, group=process_group)
+        candidates = clip_cov_candidates(scores, valid, clipped, config.clip_cov_lb, config.clip_cov_ub)
+        n = n_select(ratio, count=n_valid)
+        selected = select_top(keys, candidates, n, descending=False, ratio=ratio, group=process_group)
     else:
         selected = torch.zeros_like(valid)
     return scores, selected, counts

@@ -4,8 +4,10 @@ The composed loss is checked against independent implementations: covkernels.tok
 Clip-Cov), TRL's own loss differentiated token by token (which tokens it already gives no gradient), TRL's
 entropy bonus and AEnt's clamped entropy from covkernels.token_stats on the model's logits.
 """
+import dataclasses
 import math
 import pathlib
+import pickle
 import re
 
 import pytest
@@ -217,6 +219,32 @@ def test_config_is_checked():
     with pytest.raises(ValueError, match="clamp_fraction"):
         CovLossConfig(aent_coef=1e-3, clamp_fraction=1.5)
     assert CovLossConfig(aent_coef=AEntController(clamp_fraction=0.2)).clamp_fraction == 0.2
+
+
+def test_config_is_a_loss_config():
+    """A CovLossConfig holds a LossConfig (its fields, defaults and checks) and the seed; TRL's own fields stay."""
+    beta = schedules.linear(1.0, 0.0, 10)
+    config = covkernels.LossConfig("kl_cov", kl_cov_ratio=0.05, centering="state", ppo_kl_coef=beta)
+    cov = CovLossConfig(config, seed=3)
+    assert cov.loss == config and cov.method == "kl_cov" and cov.kl_cov_ratio == 0.05 and cov.seed == 3
+    by_name = CovLossConfig(method="kl_cov", kl_cov_ratio=0.05, centering="state", ppo_kl_coef=beta)
+    assert by_name.loss == dataclasses.replace(config, clamp_fraction=0.3) and by_name.seed is None
+    assert CovLossConfig(covkernels.LossConfig("ppo")).method is None and CovLossConfig(method=None).loss.method == "ppo"
+    with pytest.raises(ValueError, match="clip_ratio"):
+        CovLossConfig(config, clip_ratio=0.3)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        CovLossConfig(covkernels.LossConfig(loss_agg_mode="token-sum"))
+    with pytest.raises(ValueError, match="kl_cov_ratio"):
+        CovLossConfig(kl_cov_ratio=-1.0)
+    with pytest.raises(TypeError, match="seed"):
+        CovLossConfig(seed=1.5)
+    assert pickle.loads(pickle.dumps(cov)) == cov
+
+
+def test_trainer_takes_a_loss_config(model_dir, tmp_path):
+    config = covkernels.LossConfig("kl_cov", kl_cov_ratio=0.3)
+    trainer = make_trainer(CovGRPOTrainer, model_dir, str(tmp_path), impl="torch", cov_config=config)
+    assert trainer.cov_config == CovLossConfig(config) and trainer.cov_config.method == "kl_cov"
 
 
 def test_fused_trainer_trains_one_step(model_dir, tmp_path):

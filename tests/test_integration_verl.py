@@ -180,3 +180,16 @@ def test_example_script_runs(capsys):
     for name, ours, theirs in results:
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-7), name
     assert "ck_kl_cov" in capsys.readouterr().out
+
+
+def test_loss_config_from_verls_actor_config():
+    """The ck_* losses read verl's fields into one LossConfig; where verl leaves a field None, the default."""
+    config = actor_config(kl_cov_ratio=0.01, ppo_kl_coef=0.1, clip_cov_lb=None)
+    got = ck_verl.loss_config(config, "kl_cov", "state", "seq-mean-token-sum")
+    assert got == covkernels.LossConfig("kl_cov", clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                                        clip_ratio_c=3.0, kl_cov_ratio=0.01, ppo_kl_coef=0.1, centering="state",
+                                        loss_agg_mode="seq-mean-token-sum", validate=False)
+    data = batch()
+    loss, _, _ = run("ck_kl_cov", config, *data[:4], "token-mean")
+    want, _ = covkernels.token_loss(data[0], *data[1:4], ck_verl.loss_config(config, "kl_cov"))
+    assert torch.equal(loss, want.detach())

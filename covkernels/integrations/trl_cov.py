@@ -16,79 +16,83 @@ covkernels' terms composed into it as follows; everything is computed from the s
 - KL-Cov: the n highest-C trained tokens; + ppo_kl_coef * |logp - old_logp| on them, normalised as the
   loss_type normalises its per-token loss (and weighted by the vLLM importance ratio as TRL weights its
   loss). TRL's clipping stays (the paper's KL-Cov has none: GRPOConfig(epsilon=1e9) removes it).
-- entropy_coef (a schedule): TRL's own entropy bonus, its coefficient set from the schedule at every step.
-  With GRPOConfig.entropy_coef != 0 or use_adaptive_entropy it is a ValueError: one coefficient, two rules.
+- entropy_coef (a number other than 0, or a schedule): TRL's own entropy bonus, its coefficient set from it at
+  every step (0: TRL's own coefficient). With GRPOConfig.entropy_coef != 0 or use_adaptive_entropy it is a
+  ValueError: one coefficient, two rules.
 - AEnt: - aent_coef * mean clamped entropy over the tokens TRL's entropy bonus uses (completion mask and
   top-entropy mask), scaled for gradient accumulation like it; an AEntController is updated once per
   optimizer step from the step's mean over all processes. The clamped entropy needs whole rows of logits:
   with AEnt on, the loss's pass reads the model's logits instead of using the fused LM head.
 """
 import math
+import numbers
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from .. import AEntController, PolicyLoss, clip_cov_select, cov_scores, kl_cov_select, schedules
-from .._validation import check_choice, check_fraction, check_nonnegative
+from .. import AEntController, LossConfig, clip_cov_select, cov_scores, kl_cov_select
+from ..losses.config import FIELD_NAMES, active, with_overrides
 from .trl_fused import FusedGRPOTrainer
 
-METHODS = (None, "clip_cov", "kl_cov")
 # TRL 1.16's loss types; the first five are PPO-clip on the ratio (luspo too, per sequence).
 PPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 LOSS_TYPES = (*PPO_LOSS_TYPES, "cispo", "sapo", "vespo")
 AENT_FRACTION = 0.3  # the author's default p
+# LossConfig fields whose part TRL's own loss plays (GRPOConfig's epsilon, epsilon_high, delta, loss_type,
+# temperature): a CovLossConfig keeps them at their defaults. ignore_index and validate have no use here.
+TRL_OWNED = ("clip_ratio", "clip_ratio_low", "clip_ratio_high", "clip_ratio_c", "loss_agg_mode", "temperature")
+_DEFAULTS = LossConfig()
 
 
-@dataclass
+@dataclass(frozen=True, init=False)
 class CovLossConfig:
-    """The covkernels side of CovGRPOTrainer (module docstring for how it composes with TRL's loss).
+    """The covkernels side of CovGRPOTrainer (module docstring for how it composes with TRL's loss): a
+    LossConfig, `loss`, and the seed of the Clip-Cov draw.
 
-    method: "clip_cov", "kl_cov" or None (TRL's loss with only the entropy schedule and AEnt below).
-    centering: "batch" (verl) or "state" ((logp + H) A, Baehr & Lei).
-    clip_cov_ratio, clip_cov_lb, clip_cov_ub: Clip-Cov's fraction of trained tokens and score window.
-    kl_cov_ratio, ppo_kl_coef: KL-Cov's fraction of trained tokens and coefficient.
-    entropy_coef: None, or a number or schedule (covkernels.schedules) for TRL's entropy bonus coefficient.
-    aent_coef: AEnt's lambda: a number, a schedule or an AEntController (0: off).
-    clamp_fraction: AEnt's p (default: the controller's, else 0.3).
+    CovLossConfig(config) takes a LossConfig; CovLossConfig(method="kl_cov", kl_cov_ratio=2e-3, ...) makes
+    one from LossConfig's defaults, except method="clip_cov" and clamp_fraction=0.3 (the author's p, or an
+    AEntController's own); fields given by name replace those of a config given. The fields read, each
+    also an attribute of the CovLossConfig (config.kl_cov_ratio):
+    method: "clip_cov", "kl_cov", or None (a LossConfig's "ppo"): TRL's loss with only the entropy schedule
+        and AEnt below.
+    centering, clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef: as LossConfig.
+    entropy_coef: 0 (TRL's own coefficient), or a number or schedule that sets the coefficient of TRL's
+        entropy bonus at every step.
+    aent_coef: AEnt's lambda: a number, a schedule or an AEntController (0: off); clamp_fraction: its p.
+    Schedules are read at the trainer's global step. TRL_OWNED fields keep their defaults.
     seed: of the Clip-Cov draw (default GRPOConfig.seed + process index).
-    Ratios and coefficients may be schedules, read at the trainer's global step.
     """
 
-    method: str | None = "clip_cov"
-    centering: str = "batch"
-    clip_cov_ratio: Any = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: Any = 2e-4
-    ppo_kl_coef: Any = 1.0
-    entropy_coef: Any = None
-    aent_coef: Any = 0.0
-    clamp_fraction: float | None = None
-    seed: int | None = None
+    loss: LossConfig
+    seed: int | None
 
-    def __post_init__(self):
-        check_choice("method", self.method, METHODS)
-        if self.clamp_fraction is None:
-            controller = isinstance(self.aent_coef, AEntController)
-            self.clamp_fraction = self.aent_coef.clamp_fraction if controller else AENT_FRACTION
-        check_fraction("clamp_fraction", self.clamp_fraction)
-        if not (isinstance(self.aent_coef, AEntController) or callable(self.aent_coef)):
-            check_nonnegative("aent_coef", self.aent_coef)
-        # PolicyLoss checks the same hyperparameters (schedules at step 0) and names the one at fault.
-        PolicyLoss(self.method or "ppo", centering=self.centering, clip_cov_ratio=self.clip_cov_ratio,
-                   clip_cov_lb=self.clip_cov_lb, clip_cov_ub=self.clip_cov_ub, kl_cov_ratio=self.kl_cov_ratio,
-                   ppo_kl_coef=self.ppo_kl_coef, aent_coef=self.aent_coef, clamp_fraction=self.clamp_fraction,
-                   entropy_coef=0.0 if self.entropy_coef is None else self.entropy_coef)
+    def __init__(self, config=None, *, seed=None, **overrides):
+        if "method" in overrides and overrides["method"] is None:
+            overrides["method"] = "ppo"
+        if config is None:
+            config = LossConfig("clip_cov")
+            if "clamp_fraction" not in overrides and not isinstance(overrides.get("aent_coef"), AEntController):
+                overrides["clamp_fraction"] = AENT_FRACTION
+        loss = with_overrides(config, overrides)
+        for name in TRL_OWNED:
+            if loss[name] != _DEFAULTS[name]:
+                raise ValueError(f"{name} must keep its default {_DEFAULTS[name]!r} in a CovLossConfig, got "
+                                 f"{loss[name]!r}: TRL's loss sets it (GRPOConfig's epsilon, epsilon_high, "
+                                 "delta, loss_type, temperature)")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        object.__setattr__(self, "loss", loss)
+        object.__setattr__(self, "seed", seed)
 
     @property
-    def aent(self):
-        return isinstance(self.aent_coef, AEntController) or callable(self.aent_coef) or self.aent_coef != 0
+    def method(self):
+        return None if self.loss.method == "ppo" else self.loss.method
 
-    def at(self, name, step):
-        """A coefficient at `step` (an AEntController: its current coefficient)."""
-        value = getattr(self, name)
-        return value.coef if isinstance(value, AEntController) else schedules.resolve(value, step)
+    def __getattr__(self, name):
+        # Reached only for names that are not CovLossConfig's own: those of its LossConfig's fields.
+        if name in FIELD_NAMES:
+            return getattr(self.loss, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 class CovGRPOTrainer(FusedGRPOTrainer):
@@ -104,18 +108,20 @@ class CovGRPOTrainer(FusedGRPOTrainer):
     """
 
     def __init__(self, *args, cov_config=None, **kwargs):
-        self.cov_config = CovLossConfig() if cov_config is None else cov_config
+        if cov_config is None or isinstance(cov_config, LossConfig):
+            cov_config = CovLossConfig(cov_config)
+        self.cov_config = cov_config
         super().__init__(*args, **kwargs)
         cfg = self.cov_config
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is unknown to CovGRPOTrainer "
                              f"(known: {LOSS_TYPES})")
-        if cfg.entropy_coef is not None and (self.args.entropy_coef != 0 or self.use_adaptive_entropy):
+        if active(cfg.entropy_coef) and (self.args.entropy_coef != 0 or self.use_adaptive_entropy):
             raise ValueError("CovLossConfig.entropy_coef sets the coefficient of TRL's entropy bonus at "
                              "every step; it cannot also follow GRPOConfig.entropy_coef or "
                              "use_adaptive_entropy (one coefficient, two rules: set entropy_coef=0.0, "
                              "use_adaptive_entropy=False)")
-        if cfg.entropy_coef is not None:
+        if active(cfg.entropy_coef):
             self._entropy_bonus_enabled = True
         seed = self.args.seed + self.accelerator.process_index if cfg.seed is None else cfg.seed
         self._cov_generator = torch.Generator(device=self.accelerator.device).manual_seed(seed)
@@ -126,7 +132,7 @@ class CovGRPOTrainer(FusedGRPOTrainer):
 
     def _pass_spec(self, logits_to_keep):
         spec = super()._pass_spec(logits_to_keep)
-        if self._cov_inputs is not None and self.cov_config.aent:
+        if self._cov_inputs is not None and active(self.cov_config.aent_coef):
             spec.clamp_fraction = self.cov_config.clamp_fraction
         self._last_spec = spec
         return spec
@@ -134,8 +140,8 @@ class CovGRPOTrainer(FusedGRPOTrainer):
     def _compute_loss(self, model, inputs):
         """TRL's loss on the log-probs the pass returns (Clip-Cov: detached at the selected tokens), plus the
         KL-Cov penalty and the AEnt term."""
-        if self.cov_config.entropy_coef is not None:
-            self.entropy_coef = schedules.resolve(self.cov_config.entropy_coef, self.state.global_step)
+        if active(self.cov_config.entropy_coef):
+            self.entropy_coef = self.cov_config.loss.at(self.state.global_step).entropy_coef
         self._cov_inputs = inputs
         try:
             loss = super()._compute_loss(model, inputs)
@@ -158,7 +164,7 @@ class CovGRPOTrainer(FusedGRPOTrainer):
     def _apply_cov(self, logp, entropy, clamped):
         """Selects the tokens and stores the extra terms in self._cov_terms; returns the log-probs for TRL's
         loss."""
-        cfg, inputs, step = self.cov_config, self._cov_inputs, self.state.global_step
+        cfg, inputs = self.cov_config.loss.at(self.state.global_step), self._cov_inputs
         mask = inputs["completion_mask"]
         mask = mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
         adv = inputs["advantages"]
@@ -174,17 +180,17 @@ class CovGRPOTrainer(FusedGRPOTrainer):
             trained = trained & keep.bool()
         extra = torch.zeros((), dtype=logp.dtype, device=logp.device)
         metrics = {}
-        if cfg.method is not None:
+        if cfg.method != "ppo":
             scores = cov_scores(logp, adv, trained, centering=cfg.centering, entropy=entropy)
             if cfg.method == "clip_cov":
-                selected = clip_cov_select(scores, trained, ratio=cfg.at("clip_cov_ratio", step),
+                selected = clip_cov_select(scores, trained, ratio=cfg.clip_cov_ratio,
                                            lb=cfg.clip_cov_lb, ub=cfg.clip_cov_ub,
                                            clipped=self._gradient_free(logp, old, adv, mask),
                                            generator=self._cov_generator)
                 logp = torch.where(selected, logp.detach(), logp)
             else:
-                selected = kl_cov_select(scores, trained, ratio=cfg.at("kl_cov_ratio", step))
-                penalty = torch.where(selected, cfg.at("ppo_kl_coef", step) * (logp - old).abs(), 0.0)
+                selected = kl_cov_select(scores, trained, ratio=cfg.kl_cov_ratio)
+                penalty = torch.where(selected, cfg.ppo_kl_coef * (logp - old).abs(), 0.0)
                 if self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo":
                     penalty = penalty * inputs["importance_sampling_ratio"]
                 metrics["kl_cov_penalty"] = self._aggregate(penalty, mask, inputs)
@@ -237,16 +243,16 @@ class CovGRPOTrainer(FusedGRPOTrainer):
     def _aent_term(self, clamped, effective):
         """AEnt's metrics: aent_loss (the mean clamped entropy over `effective`, scaled for accumulation),
         clamped_entropy (its value) and aent_coef; updates an AEntController at optimizer-step boundaries."""
-        cfg, mode = self.cov_config, "train" if self.model.training else "eval"
+        controller, mode = self.cov_config.aent_coef, "train" if self.model.training else "eval"
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
         total, count = (clamped * effective).sum(), effective.sum().float()
-        coef = cfg.at("aent_coef", self.state.global_step)
-        if isinstance(cfg.aent_coef, AEntController) and mode == "train":
+        coef = self.cov_config.loss.at(self.state.global_step).aent_coef
+        if isinstance(controller, AEntController) and mode == "train":
             stats = torch.stack([total.detach(), count])
             self._aent_window = stats if self._aent_window is None else self._aent_window + stats
             if self.accelerator.sync_gradients:
                 window = self.accelerator.reduce(self._aent_window, reduction="sum")
-                cfg.aent_coef.update(window[0] / window[1].clamp(min=1.0))
+                controller.update(window[0] / window[1].clamp(min=1.0))
                 self._aent_window = None
         mean = total / count.clamp(min=1.0)
         return {"aent_loss": mean / accumulation, "clamped_entropy": mean.detach(),

@@ -9,10 +9,10 @@ Written against verl 0.9.1. Importing this module (in every verl process: VERL_U
     "ck_clip_cov_state", "ck_kl_cov_state"  the same with per-state centering, C = (logp + H) A
 
   They read the same config fields as verl's (clip_ratio[_low|_high], clip_ratio_c, policy_loss.clip_cov_*,
-  policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef, global_batch_info) and select tokens without a host
-  sync (verl's clip_cov calls .item(); its kl_cov copies the scores to the CPU for topk). The "_state"
-  losses need the micro-batch entropy H, which verl's loss signature does not carry: the engine below hands
-  it over (`verl_engine.micro_batch_entropy`);
+  policy_loss.kl_cov_ratio, policy_loss.ppo_kl_coef: into one LossConfig, `loss_config`; global_batch_info)
+  and select tokens without a host sync (verl's clip_cov calls .item(); its kl_cov copies the scores to the
+  CPU for topk). The "_state" losses need the micro-batch entropy H, which verl's loss signature does not
+  carry: the engine below hands it over (`verl_engine.micro_batch_entropy`);
 - with `EngineRegistry`, `verl_engine.CovkernelsFSDPEngine` (vendor "covkernels"): the actor's log-probs and
   entropy from one covkernels pass in verl's fused-kernel path, and the entropy for the losses.
 
@@ -28,16 +28,28 @@ adds 1e-8 to each sequence's token count.
 """
 from verl.trainer.ppo.core_algos import register_policy_loss
 
-from .. import token_loss
+from .. import LossConfig, token_loss
 from .verl_engine import micro_batch_entropy
 
-# verl's defaults where a config field is None (core_algos.compute_policy_loss_clip_cov / _kl_cov).
-POLICY_LOSS_DEFAULTS = {"clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "kl_cov_ratio": 2e-4,
-                        "ppo_kl_coef": 1.0}
+# verl's `policy_loss.*` fields that are LossConfig fields of the same name. Where verl leaves one None, the
+# LossConfig default applies, which is verl's own (core_algos.compute_policy_loss_clip_cov / _kl_cov).
+POLICY_LOSS_FIELDS = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub", "kl_cov_ratio", "ppo_kl_coef")
 # covkernels metric -> verl's name (verl's own where it has one).
 METRIC_NAMES = {"pg_clipfrac": "actor/pg_clipfrac", "ppo_kl": "actor/ppo_kl",
                 "pg_clipfrac_lower": "actor/pg_clipfrac_lower", "cov_mean": "actor/ck_cov_mean",
                 "cov_max": "actor/ck_cov_max", "n_selected": "actor/ck_n_selected"}
+
+
+def loss_config(config, method, centering="batch", loss_agg_mode="token-mean"):
+    """The LossConfig of a ck_* loss from verl's actor config (clip_ratio, clip_ratio_low, clip_ratio_high,
+    clip_ratio_c where present, policy_loss.* where set), without the checks that sync (validate=False)."""
+    fields = {name: getattr(config.policy_loss, name, None) for name in POLICY_LOSS_FIELDS}
+    fields = {name: value for name, value in fields.items() if value is not None}
+    if hasattr(config, "clip_ratio_c"):
+        fields["clip_ratio_c"] = config.clip_ratio_c  # None turns the dual clip off
+    return LossConfig(method, clip_ratio=config.clip_ratio, clip_ratio_low=config.clip_ratio_low,
+                      clip_ratio_high=config.clip_ratio_high, centering=centering, loss_agg_mode=loss_agg_mode,
+                      validate=False, **fields)
 
 
 def _policy_loss(method, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -57,16 +69,11 @@ def _policy_loss(method, old_log_prob, log_prob, advantages, response_mask, loss
             raise ValueError(f"{loss_name}: the micro-batch entropy has shape {tuple(entropy.shape)}, "
                              f"log_prob {tuple(log_prob.shape)}")
         entropy = entropy.detach()
-    loss_cfg = config.policy_loss
-    hyper = {name: default if getattr(loss_cfg, name, None) is None else getattr(loss_cfg, name)
-             for name, default in POLICY_LOSS_DEFAULTS.items()}
     info = dict(getattr(config, "global_batch_info", None) or {})
     loss, metrics = token_loss(
-        log_prob, old_log_prob, advantages, response_mask, method=method, clip_ratio=config.clip_ratio,
-        clip_ratio_low=config.clip_ratio_low, clip_ratio_high=config.clip_ratio_high,
-        clip_ratio_c=getattr(config, "clip_ratio_c", 3.0), loss_agg_mode=loss_agg_mode,
-        rollout_is_weights=rollout_is_weights, num_tokens=info.get("batch_num_tokens"), entropy=entropy,
-        centering=centering, num_seqs=info.get("global_batch_size"), validate=False, **hyper)
+        log_prob, old_log_prob, advantages, response_mask, loss_config(config, method, centering, loss_agg_mode),
+        entropy=entropy, rollout_is_weights=rollout_is_weights, num_tokens=info.get("batch_num_tokens"),
+        num_seqs=info.get("global_batch_size"))
     # verl's agg_loss: an explicit horizon for seq-mean-token-sum-norm, then x dp_size so that the
     # data-parallel gradient average gives the gradient of the global batch.
     horizon = info.get("loss_scale_factor")

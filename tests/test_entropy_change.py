@@ -250,3 +250,15 @@ def test_reference_agrees_with_the_tabular_formula():
     step = 0.3 * adv[:, None] * (torch.nn.functional.one_hot(t, 50) - z.softmax(-1))
     tabular = ref.entropy_change(ref.token_stats(z, t), adv, kind="pg", lr=0.3)
     assert max_err(ref.entropy_change_from_logits(z, z + step).predicted, tabular) <= 1e-13
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_logits_whose_scaled_max_overflows_fp32(impl):
+    """|x| near 3e38 at T < log2(e): x * log2(e) / T overflows fp32; the row is read again from its max (as the
+    fused pass's safe mode) and stays exact."""
+    before = torch.tensor([[3e38, -3e38, 0.0, 1e38], [1.0, 2.0, 3.0, 4.0]])
+    after = before + torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.1, 0.0, 0.0, 0.0]])
+    got = ck.entropy_change_from_logits(before, after, temperature=0.9, impl=impl)
+    want = ref.entropy_change_from_logits(before.double(), after.double(), temperature=0.9)
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all() and torch.allclose(g.double(), w, atol=1e-6), (g, w)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ..common.layout import pick_block, read_in_pairs
-from ..common.rowmath import LN2, U_FLOOR, load_halves, row_offset
+from ..common.rowmath import LN2, U_FLOOR, load_halves, overflows, row_offset
 
 LOG2E = 1.4426950408889634
 # Raw logits are clamped here on the second, careful read: 2^u = 0 and every product finite (see below).
@@ -33,21 +33,35 @@ def _entropy_log2(l, s):
 
 
 @triton.jit
-def _shift(m_old, m_new, scale):
+def _shift(m_old, m_new, scale, CAREFUL: tl.constexpr):
     """d = r_old - r_new <= 0 when a max rises (log2 units), U_FLOOR while nothing was accumulated."""
-    return tl.where(m_old == float("-inf"), U_FLOOR, tl.maximum(m_old * scale - m_new * scale, U_FLOOR))
+    if CAREFUL:
+        d = (m_old - m_new) * scale
+    else:
+        d = m_old * scale - m_new * scale
+    return tl.where(m_old == float("-inf"), U_FLOOR, tl.maximum(d, U_FLOOR))
 
 
 @triton.jit
-def _add_entries(xb, xa, scale, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a, CLAMP: tl.constexpr):
-    if CLAMP:
+def _u(x, scale, m, r, CAREFUL: tl.constexpr):
+    # Careful: from the max itself, (x - m) * scale (rowmath's safe mode), floored (it may overflow to -inf).
+    if CAREFUL:
+        return tl.maximum((x - tl.where(m == float("-inf"), 0.0, m)) * scale, U_FLOOR,
+                          propagate_nan=tl.PropagateNan.ALL)
+    return tl.fma(x, scale, -r)
+
+
+@triton.jit
+def _add_entries(xb, xa, scale, m_b, m_a, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a, CLAMP: tl.constexpr,
+                 CAREFUL: tl.constexpr):
+    if CLAMP or CAREFUL:
         # -inf entries become -1e20 (NaN stays NaN): then 2^u = 0, and u 2^u, d 2^u and d u 2^u are 0 rather
         # than -inf * 0, also where before and after are both -inf (d would be -inf + inf) or where an entry of
         # p = 0 becomes finite (its d does not count). The maxima are of the raw logits, so a reference never
         # rests on such an entry.
         xb = tl.maximum(xb, _X_FLOOR, propagate_nan=tl.PropagateNan.ALL)
         xa = tl.maximum(xa, _X_FLOOR, propagate_nan=tl.PropagateNan.ALL)
-    u_b = tl.fma(xb, scale, -r_b)
+    u_b = _u(xb, scale, m_b, r_b, CAREFUL)
     e_b = tl.exp2(u_b)
     # d in raw logit units: the scale multiplies the covariance once, at the end.
     ed = e_b * (xa - xb)
@@ -55,7 +69,7 @@ def _add_entries(xb, xa, scale, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a, CLAMP: t
     s_b = tl.fma(e_b, u_b, s_b)
     d_b += ed
     w_b = tl.fma(ed, u_b, w_b)
-    u_a = tl.fma(xa, scale, -r_a)
+    u_a = _u(xa, scale, m_a, r_a, CAREFUL)
     e_a = tl.exp2(u_a)
     l_a += e_a
     s_a = tl.fma(e_a, u_a, s_a)
@@ -64,7 +78,7 @@ def _add_entries(xb, xa, scale, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a, CLAMP: t
 
 @triton.jit
 def _add_block(b_row, a_row, start, end, scale, m_b, m_a, l_b, s_b, d_b, w_b, l_a, s_a, BLOCK_V: tl.constexpr,
-               MASKED: tl.constexpr, CLAMP: tl.constexpr, PAIRS: tl.constexpr):
+               MASKED: tl.constexpr, CAREFUL: tl.constexpr, PAIRS: tl.constexpr):
     even_b, odd_b = load_halves(b_row, start, end, BLOCK_V, MASKED, PAIRS)
     even_a, odd_a = load_halves(a_row, start, end, BLOCK_V, MASKED, PAIRS)
     blk_b = tl.max(tl.maximum(even_b, odd_b), axis=0)
@@ -72,7 +86,7 @@ def _add_block(b_row, a_row, start, end, scale, m_b, m_a, l_b, s_b, d_b, w_b, l_
     if blk_b > m_b:
         # Moving the reference by c = r_old - r_new < 0: e -> 2^c e and u -> u + c, so s -> 2^c (s + c l)
         # and W -> 2^c (W + c U) (rowmath.rescale, with U and W beside l and s).
-        c = _shift(m_b, blk_b, scale)
+        c = _shift(m_b, blk_b, scale, CAREFUL)
         f = tl.exp2(c)
         s_b = f * tl.fma(c, l_b, s_b)
         w_b = f * tl.fma(c, d_b, w_b)
@@ -80,7 +94,7 @@ def _add_block(b_row, a_row, start, end, scale, m_b, m_a, l_b, s_b, d_b, w_b, l_
         d_b = f * d_b
         m_b = blk_b
     if blk_a > m_a:
-        c = _shift(m_a, blk_a, scale)
+        c = _shift(m_a, blk_a, scale, CAREFUL)
         f = tl.exp2(c)
         s_a = f * tl.fma(c, l_a, s_a)
         l_a = f * l_a
@@ -88,16 +102,17 @@ def _add_block(b_row, a_row, start, end, scale, m_b, m_a, l_b, s_b, d_b, w_b, l_
     # The references stay 0 while only -inf was seen: r = m * scale = -inf would make every u infinite.
     r_b = tl.where(m_b == float("-inf"), 0.0, m_b * scale)
     r_a = tl.where(m_a == float("-inf"), 0.0, m_a * scale)
-    l_b, s_b, d_b, w_b, l_a, s_a = _add_entries(even_b, even_a, scale, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a,
-                                                CLAMP or MASKED)
-    l_b, s_b, d_b, w_b, l_a, s_a = _add_entries(odd_b, odd_a, scale, r_b, r_a, l_b, s_b, d_b, w_b, l_a, s_a,
-                                                CLAMP or MASKED)
+    l_b, s_b, d_b, w_b, l_a, s_a = _add_entries(even_b, even_a, scale, m_b, m_a, r_b, r_a, l_b, s_b, d_b, w_b, l_a,
+                                                s_a, MASKED, CAREFUL)
+    l_b, s_b, d_b, w_b, l_a, s_a = _add_entries(odd_b, odd_a, scale, m_b, m_a, r_b, r_a, l_b, s_b, d_b, w_b, l_a,
+                                                s_a, MASKED, CAREFUL)
     return m_b, m_a, l_b, s_b, d_b, w_b, l_a, s_a
 
 
 @triton.jit
-def _row_sums(b_row, a_row, col_end, scale, BLOCK_V: tl.constexpr, CLAMP: tl.constexpr, PAIRS: tl.constexpr):
-    """The sums of one row, reduced: (l, s, U, W) of logits_before and (l', s') of logits_after."""
+def _row_sums(b_row, a_row, col_end, scale, BLOCK_V: tl.constexpr, CAREFUL: tl.constexpr, PAIRS: tl.constexpr):
+    """The maxima (m, m') and the sums of one row, reduced: (l, s, U, W) of logits_before and (l', s') of
+    logits_after. CAREFUL clamps -inf entries and scales differences from the max (the rare second read)."""
     m_b = tl.full([], float("-inf"), tl.float32)
     m_a = tl.full([], float("-inf"), tl.float32)
     zero = tl.zeros([BLOCK_V // 2], tl.float32)
@@ -106,17 +121,17 @@ def _row_sums(b_row, a_row, col_end, scale, BLOCK_V: tl.constexpr, CLAMP: tl.con
     start = 0
     while start + BLOCK_V <= col_end:
         m_b, m_a, l_b, s_b, d_b, w_b, l_a, s_a = _add_block(b_row, a_row, start, col_end, scale, m_b, m_a, l_b, s_b,
-                                                            d_b, w_b, l_a, s_a, BLOCK_V, False, CLAMP, PAIRS)
+                                                            d_b, w_b, l_a, s_a, BLOCK_V, False, CAREFUL, PAIRS)
         start += BLOCK_V
     if start < col_end:
         m_b, m_a, l_b, s_b, d_b, w_b, l_a, s_a = _add_block(b_row, a_row, start, col_end, scale, m_b, m_a, l_b, s_b,
-                                                            d_b, w_b, l_a, s_a, BLOCK_V, True, CLAMP, PAIRS)
-    return (tl.sum(l_b, axis=0), tl.sum(s_b, axis=0), tl.sum(d_b, axis=0), tl.sum(w_b, axis=0), tl.sum(l_a, axis=0),
-            tl.sum(s_a, axis=0))
+                                                            d_b, w_b, l_a, s_a, BLOCK_V, True, CAREFUL, PAIRS)
+    return (m_b, m_a, tl.sum(l_b, axis=0), tl.sum(s_b, axis=0), tl.sum(d_b, axis=0), tl.sum(w_b, axis=0),
+            tl.sum(l_a, axis=0), tl.sum(s_a, axis=0))
 
 
 @triton.jit(noinline=True)
-def _row_sums_clamped(b_row, a_row, col_end, scale, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
+def _row_sums_careful(b_row, a_row, col_end, scale, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
     """The rare careful read, a function of its own (see rowmath.row_sums_again)."""
     return _row_sums(b_row, a_row, col_end, scale, BLOCK_V, True, PAIRS)
 
@@ -130,12 +145,14 @@ def _entropy_change_kernel(b_ptr, a_ptr, mask_ptr, pred_ptr, act_ptr, V, inner, 
     valid = tl.load(mask_ptr + row) != 0
     # A row outside the mask has an empty column range: it is never read.
     col_end = tl.where(valid, V, 0)
-    l_b, s_b, d_b, w_b, l_a, s_a = _row_sums(b_row, a_row, col_end, scale, BLOCK_V, False, PAIRS)
+    m_b, m_a, l_b, s_b, d_b, w_b, l_a, s_a = _row_sums(b_row, a_row, col_end, scale, BLOCK_V, False, PAIRS)
     # A -inf entry (0 * -inf, or -inf - -inf) leaves the sums NaN or infinite where l and l' are numbers (a NaN
-    # logit would make them NaN too): read the row again with the clamp.
+    # logit would make them NaN too); a max whose m * scale overflows leaves them NaN: read the row again,
+    # carefully.
     sums = s_b + d_b + w_b + s_a
-    if ((sums - sums) != 0) & ((l_b + l_a) - (l_b + l_a) == 0):
-        l_b, s_b, d_b, w_b, l_a, s_a = _row_sums_clamped(b_row, a_row, col_end, scale, BLOCK_V, PAIRS)
+    poisoned = ((sums - sums) != 0) & ((l_b + l_a) - (l_b + l_a) == 0)
+    if poisoned | overflows(m_b, m_b * scale) | overflows(m_a, m_a * scale):
+        _, _, l_b, s_b, d_b, w_b, l_a, s_a = _row_sums_careful(b_row, a_row, col_end, scale, BLOCK_V, PAIRS)
     # An unread row has l = 0: 1 keeps its arithmetic finite; it stores 0.
     l = tl.where(valid, l_b, 1.0)
     cov = w_b / l - (s_b / l) * (d_b / l)

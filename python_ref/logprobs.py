@@ -21,12 +21,13 @@ class TokenStats(NamedTuple):
     clamped_entropy: torch.Tensor | None = None
 
 
-def clamped_entropy(z, clamp_fraction):
-    """AEnt's clamped entropy (SPEC section 6) of each row of z [..., V]: the entropy of the softmax
-    renormalised over K, the row without its floor(p V) smallest entries (a stable ascending sort: among
-    equal values the lower index goes first). Differentiable; 0 gradient off K."""
+def clamped_entropy(z, clamp_fraction, logits):
+    """AEnt's clamped entropy (SPEC section 6) of each row of z = logits / T [..., V]: the entropy of the softmax
+    renormalised over K, the row without its floor(p V) smallest logits (a stable ascending sort of the raw
+    logits, before the temperature: among equal logits the lower index goes first; two logits that differ
+    can tie after the division). Differentiable; 0 gradient off K."""
     V = z.shape[-1]
-    order = torch.sort(z.detach(), dim=-1, stable=True).indices
+    order = torch.sort(logits.detach(), dim=-1, stable=True).indices
     removed = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter(-1, order[..., :int(clamp_fraction * V)],
                                                                               True)
     zk = z.masked_fill(removed, float("-inf"))
@@ -63,7 +64,7 @@ def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fr
 
     logp, entropy = masked(logp), masked(entropy)
     lse, sum_p2, sum_p2_logp = (masked(x).detach() for x in (lse, sum_p2, sum_p2_logp))
-    clamped = None if clamp_fraction is None else masked(clamped_entropy(z, clamp_fraction))
+    clamped = None if clamp_fraction is None else masked(clamped_entropy(z, clamp_fraction, logits))
     return TokenStats(logp, entropy, lse, logp.detach().exp() * valid, sum_p2, sum_p2_logp, clamped)
 
 

@@ -183,6 +183,16 @@ def test_ties_are_ranked_on_the_raw_logits(impl):
     assert x.grad[0, 1] == 0 and (x.grad[0, [0, 2, 3]] != 0).all()
 
 
+def test_reference_ranks_the_raw_logits():
+    """python_ref's own rule: a one-ulp pair in fp32 that x / T rounds to one value; the lower logit, x[1],
+    is removed, not the lower index."""
+    x = torch.tensor([[1.3539097309112549, 1.3539096117019653, 5.0, 6.0]], requires_grad=True)
+    T = 1.2900063897440808
+    assert x[0, 0] > x[0, 1] and x[0, 0] / T == x[0, 1] / T
+    ref.token_stats(x, torch.tensor([3]), temperature=T, clamp_fraction=0.25).clamped_entropy.sum().backward()
+    assert x.grad[0, 1] == 0 and (x.grad[0, [0, 2, 3]] != 0).all()
+
+
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_near_ties_after_the_temperature_keep_the_reference_set(impl):
     """Rows of 20 distinct levels, each held by a pair of logits one ulp apart in random order; the cut

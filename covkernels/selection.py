@@ -13,7 +13,7 @@ n_max = min(B T, max(1, floor(ratio world B T))) is known from the shapes alone,
 the host beyond the collectives themselves.
 
 A ratio of 0 selects nothing (n = 0), so a schedule can anneal Clip-Cov / KL-Cov to exactly the plain
-loss; n = max(1, floor(ratio N_valid)) holds for ratio > 0 only. verl takes one token even at 0.
+loss; n = max(1, floor(ratio N_valid)) holds for ratio > 0 only. verl asserts ratio > 0.
 """
 import torch
 import torch.distributed as dist

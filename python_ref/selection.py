@@ -21,7 +21,7 @@ def _check_same_shape(name, x, ref_name, ref):
 
 def _n_select(ratio, n_valid):
     # The float64 product and truncation of Python's int(), exactly as verl computes it; but ratio 0
-    # selects nothing, so an annealed ratio turns the method off (verl would still take one token).
+    # selects nothing, so an annealed ratio turns the method off (verl asserts ratio > 0).
     return max(1, int(ratio * n_valid)) if ratio > 0 else 0
 
 

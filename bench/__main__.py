@@ -2,8 +2,9 @@
 
 Measures the copy bandwidth (CUDA), then for every case checks each provider against python_ref in
 float64 and times it, printing one table for the logits path (fwd, fwd_bwd: GB/s against the copy
-bandwidth) and one for the fused LM head (linear_fwd, linear_fwd_bwd: TFLOP/s against torch's own matrix
-products). On a GPU the results go to bench/results/<device-slug>.json (or --out), rewritten after every
+bandwidth), one for the fused LM head (linear_fwd, linear_fwd_bwd: TFLOP/s against torch's own matrix
+products) and, on a CPU, one for the CPU path (cpu_fwd, cpu_fwd_bwd: bench/cpu_path.py, CPU figures at
+realistic sizes: covkernels' PyTorch path against eager PyTorch, TRL and torch.compile). On a GPU the results go to bench/results/<device-slug>.json (or --out), rewritten after every
 row so that a run cut short keeps what it measured; --merge keeps the file's rows of the cases this run
 does not measure. Without a GPU it runs tiny shapes under the Triton interpreter, says loudly that the
 times are not speed figures, and writes a file only when --out is given.
@@ -18,12 +19,14 @@ import os
 import sys
 import time
 
+import torch
+
 from . import cases as C
 from . import cases_linear as L
-from . import env, providers, providers_linear, report, runner, runner_linear, timing
+from . import cpu_path, env, providers, providers_linear, report, runner, runner_linear, timing
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-_OPS = ("fwd", "fwd_bwd") + L.OPS
+_OPS = ("fwd", "fwd_bwd") + L.OPS + cpu_path.OPS
 
 
 def parse_args(argv):
@@ -32,8 +35,9 @@ def parse_args(argv):
     size.add_argument("--quick", action="store_true", help="one realistic shape: N=16384, V=151936 (GPU)")
     size.add_argument("--full", action="store_true", help="the grid padded and in fp32 as well (GPU)")
     size.add_argument("--tiny", action="store_true", help="the interpreter's tiny shapes (default on a CPU)")
-    p.add_argument("--ops", default=",".join(_OPS),
-                   help="comma-separated subset of fwd,fwd_bwd (logits) and linear_fwd,linear_fwd_bwd (LM head)")
+    p.add_argument("--ops", default=None,
+                   help="comma-separated subset of fwd,fwd_bwd (logits), linear_fwd,linear_fwd_bwd (LM head) and "
+                        "cpu_fwd,cpu_fwd_bwd (the CPU path; by default only without a GPU)")
     p.add_argument("--cases", default=None, help="only the cases whose name contains this (e.g. pad30, fp32)")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated subset of {','.join(providers.BY_NAME)} (logits) and "
@@ -44,23 +48,23 @@ def parse_args(argv):
                    help="keep the results file's rows of the cases this run does not measure")
     p.add_argument("--max-minutes", type=float, default=None, help="start no new case after this long")
     args = p.parse_args(argv)
-    unknown = set(args.ops.split(",")) - set(_OPS)
+    unknown = set((args.ops or "").split(",")) - set(_OPS) - {""}
     if unknown:
         p.error(f"unknown ops {sorted(unknown)}; known: {','.join(_OPS)}")
     return args
 
 
 def _select(names):
-    """(logits providers, LM-head providers) by name, all when names is None; a name neither path knows is
-    an error, not a silent no-op ("python_ref" and "liger" name one provider of each path)."""
+    """(logits providers, LM-head providers, CPU-path providers) by name, all when names is None; a name no
+    path knows is an error, not a silent no-op ("python_ref" names a provider of each path)."""
+    families = (providers.PROVIDERS, providers_linear.PROVIDERS, cpu_path.PROVIDERS)
     if names is None:
-        return list(providers.PROVIDERS), list(providers_linear.PROVIDERS)
-    unknown = [n for n in names if n not in providers.BY_NAME and n not in providers_linear.BY_NAME]
+        return tuple(list(f) for f in families)
+    unknown = [n for n in names if all(n not in {p.name for p in f} for f in families)]
     if unknown:
         raise ValueError(f"unknown providers {unknown}; known: {list(providers.BY_NAME)} (logits), "
-                         f"{list(providers_linear.BY_NAME)} (LM head)")
-    return ([p for p in providers.PROVIDERS if p.name in names],
-            [p for p in providers_linear.PROVIDERS if p.name in names])
+                         f"{list(providers_linear.BY_NAME)} (LM head), {list(cpu_path.BY_NAME_CPU)} (CPU path)")
+    return tuple([p for p in f if p.name in names] for f in families)
 
 
 def _print_family(rows, family_table, conventions):
@@ -82,11 +86,12 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     mode = "quick" if args.quick else "full" if args.full else "default"
     mode = "tiny" if args.tiny or not on_gpu else mode
-    ops = tuple(args.ops.split(","))
+    ops = tuple(args.ops.split(",")) if args.ops else _OPS if not on_gpu else _OPS[:-len(cpu_path.OPS)]
     todo = [c for c in C.cases(mode, ops=tuple(o for o in ops if o in ("fwd", "fwd_bwd")))
             + L.cases(mode, ops=tuple(o for o in ops if o in L.OPS))
+            + cpu_path.cases(ops=tuple(o for o in ops if o in cpu_path.OPS))
             if not args.cases or args.cases in c.name]
-    chosen, chosen_linear = _select(args.providers.split(",") if args.providers else None)
+    chosen, chosen_linear, chosen_cpu = _select(args.providers.split(",") if args.providers else None)
     skips = {}
     if not on_gpu and not args.compile:
         skips["compiled_ref"] = "torch.compile not run on the CPU (slow to compile; --compile to include)"
@@ -107,8 +112,10 @@ def main(argv=None):
     print("copy bandwidth (device to device, read + write): "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "n/a (CUDA only)"))
     n_linear = sum(isinstance(c, L.LinearCase) for c in todo)
-    print(f"mode {mode}: {len(todo) - n_linear} logits cases x {len(chosen)} providers, {n_linear} LM-head "
-          f"cases x {len(chosen_linear)} providers; timer {meta['timer']}", flush=True)
+    n_cpu = sum(isinstance(c, cpu_path.CpuCase) for c in todo)
+    print(f"mode {mode}: {len(todo) - n_linear - n_cpu} logits cases x {len(chosen)} providers, {n_linear} LM-head "
+          f"cases x {len(chosen_linear)} providers, {n_cpu} CPU-path cases x {len(chosen_cpu)} providers; "
+          f"timer {meta['timer']}", flush=True)
 
     kept = []
     if args.merge and out:
@@ -128,21 +135,33 @@ def main(argv=None):
         if args.max_minutes and time.monotonic() - t0 > 60 * args.max_minutes:
             print(f"time budget of {args.max_minutes} min spent: stopping before {case.name}", flush=True)
             break
-        run_case, chosen_here = ((runner_linear.run_case, chosen_linear) if isinstance(case, L.LinearCase)
-                                 else (runner.run_case, chosen))
-        got = run_case(case, chosen_here, device, copy_gbps, skips, on_row=on_row)
+        if isinstance(case, cpu_path.CpuCase):
+            got = cpu_path.run_case(case, chosen_cpu, on_row=on_row)
+        else:
+            run_case, chosen_here = ((runner_linear.run_case, chosen_linear) if isinstance(case, L.LinearCase)
+                                     else (runner.run_case, chosen))
+            got = run_case(case, chosen_here, device, copy_gbps, skips, on_row=on_row)
         seen = {id(r) for r in rows}
         rows += [r for r in got if id(r) not in seen]  # "oom" rows of a case whose inputs did not fit
         if out:
             report.write(out, meta, kept + rows)
     linear = [r for r in rows if r["op"] in L.OPS]
-    _print_family([r for r in rows if r["op"] not in L.OPS], report.table,
+    cpu = [r for r in rows if r["op"] in cpu_path.OPS]
+    kernels = [r for r in rows if r["op"] not in L.OPS + cpu_path.OPS]
+    _print_family(kernels, report.table,
                   [("bytes", report.CONVENTIONS["bytes"]), ("time", report.CONVENTIONS["time"])])
     _print_family(linear, report.linear_table, [("LM head", report.CONVENTIONS["linear"])])
     for line in report.linear_targets(linear):
         print(line)
-    if not on_gpu and INTERPRETED:
-        print(report.banner("Interpreter times: NOT speed figures. Run on a GPU for numbers."))
+    if not on_gpu and INTERPRETED and kernels + linear:
+        print(report.banner("Interpreter times above: NOT speed figures. Run on a GPU for numbers."))
+    if cpu:
+        print()
+        print(report.banner(f"CPU FIGURES ({env.cpu_name()}, {torch.get_num_threads()} threads): covkernels' "
+                            "chunked PyTorch path, not the Triton kernels"))
+    _print_family(cpu, cpu_path.table, [("CPU path", report.CONVENTIONS["cpu"])])
+    for line in cpu_path.targets(cpu):
+        print(line)
     if out:
         print(f"results written to {out}")
     # A peer that is off or fails is a finding; covkernels or the reference doing so fails the run.

@@ -38,6 +38,17 @@ def device_name():
     return f"cpu {platform.machine()} (Triton interpreter)" if interpreting() else f"cpu {platform.machine()}"
 
 
+def cpu_name():
+    """The CPU's model name (Linux), else the machine type, with the number of cores this process may use."""
+    name = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
 def slug(name):
     """'NVIDIA H100 80GB HBM3' -> 'nvidia-h100-80gb-hbm3': the results file of that device."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"

@@ -27,6 +27,12 @@ CONVENTIONS = {
               "input dtype in the backward); peak_extra_frac_logits = that / (N V e), the logits' size; "
               "errors: logp, entropy and d_hidden at the checked rows, d_weight at the checked vocabulary "
               "entries, against float64 (torch_matmul: its logits)",
+    "cpu": "CPU-path rows (op cpu_fwd, cpu_fwd_bwd; bench/cpu_path.py): CPU figures, on CPU tensors without "
+           "the interpreter, inputs as above (no padding, temperature 1); first call ms = the checking call "
+           "(torch.compile compiles there); median of 7 calls after 1 more, the providers taking turns; "
+           "x compile = median / compiled_ref's median in the same case; peak extra = resident-set high-water "
+           "mark during one call - resident set before it (malloc_trim first), outputs and gradient included; "
+           "of logits = that / (N V e)",
 }
 
 _COLUMNS = ("case", "provider", "max err", "median ms", "MB moved", "GB/s", "of copy", "peak extra MB",

@@ -7,7 +7,10 @@ copy bandwidth that the results are set against is measured in the same run. On 
 medians; with the Triton interpreter these are interpreter times, not speed figures. triton.testing.do_bench
 is not used: it needs a GPU driver, which the interpreter does not have.
 """
+import ctypes
+import ctypes.util
 import os
+import re
 import statistics
 import time
 
@@ -93,6 +96,29 @@ def peak_extra_bytes(fn):
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return int(peak)
+
+
+def _rss_bytes(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1)) * 1024
+
+
+def peak_extra_rss_bytes(fn):
+    """CPU (Linux): the resident-set high-water mark during one call of fn(0) above the resident set before
+    it, outputs included; None where the mark cannot be reset (/proc/self/clear_refs). Freed heap memory
+    is first handed back to the OS (glibc's malloc_trim), so that pages the call reuses count as new."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        base = _rss_bytes("VmRSS")
+    except (OSError, AttributeError):
+        return None
+    out = fn(0)
+    peak = _rss_bytes("VmHWM") - base
+    del out
+    return peak
 
 
 def summarize(times_ms, nbytes, copy_gbps):

@@ -6,10 +6,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-# Bounded in CI; HYPOTHESIS_PROFILE=thorough for a long search on demand.
+# Bounded in CI; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs every property test 600 times, 2,400 cases.
 settings.register_profile("ci", max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=500, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Must be set before covkernels (and so any @triton.jit function) is imported.

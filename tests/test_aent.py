@@ -169,3 +169,37 @@ def test_out_of_range_target_without_validation_is_nan_in_its_row_only(impl):
     want = ref.token_stats(logits.double(), torch.tensor([3, 0, 0, 10]), clamp_fraction=0.3)
     assert (s.clamped_entropy[[0, 3]].double() - want.clamped_entropy[[0, 3]]).abs().max() < 1e-5
     assert x.grad[[0, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_ties_are_ranked_on_the_raw_logits(impl):
+    """x[0] > x[1] by one ulp; after the temperature they round to one value. The rule ranks the raw
+    logits, so x[1] (the lower logit) is removed, not x[0] (the lower index)."""
+    x = torch.tensor([[2.6642916202545166, 2.6642913818359375, 5.0, 6.0]], requires_grad=True)
+    T = 1.2900063897440808
+    assert x[0, 0] > x[0, 1] and x[0, 0] * (1 / T) == x[0, 1] * (1 / T)
+    s = ck.token_stats(x, torch.tensor([3]), temperature=T, clamp_fraction=0.25, impl=impl)
+    s.clamped_entropy.sum().backward()
+    assert x.grad[0, 1] == 0 and (x.grad[0, [0, 2, 3]] != 0).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_near_ties_after_the_temperature_keep_the_reference_set(impl):
+    """Rows of 20 distinct levels, each held by a pair of logits one ulp apart in random order; the cut
+    (17 of 40 removed) splits a pair. At temperatures that are not powers of two many pairs round to one
+    value: the removed set (where the clamped gradient is 0) must still be python_ref's in float64."""
+    g = torch.Generator().manual_seed(5)
+    levels = torch.randn(16, 20, generator=g) * 3
+    pairs = torch.stack([levels, levels.nextafter(torch.tensor(float("inf")))], -1).flatten(1)
+    logits = pairs.gather(1, torch.argsort(torch.rand(16, 40, generator=g), 1))
+    targets = torch.zeros(16, dtype=torch.long)
+    for T in (0.7, 1.2900063897440808, 3.1):
+        x = logits.clone().requires_grad_()
+        s = ck.token_stats(x, targets, temperature=T, clamp_fraction=0.43, impl=impl)
+        s.clamped_entropy.sum().backward()
+        x64 = logits.double().requires_grad_()
+        want = ref.token_stats(x64, targets, temperature=T, clamp_fraction=0.43)
+        want.clamped_entropy.sum().backward()
+        assert ((x64.grad == 0).sum(1) == 17).all()
+        assert torch.equal(x.grad == 0, x64.grad == 0), T
+        assert (s.clamped_entropy.double() - want.clamped_entropy).abs().max() < 1e-5

@@ -133,3 +133,29 @@ def test_compare_single_file_and_duplicate_devices(tmp_path, capsys):
     assert (tmp_path / "one.png").stat().st_size > 0
     text = compare.markdown(compare.load([str(p) for p in paths]))
     assert "NVIDIA H100 (one.json)" in text and "NVIDIA H100 (two.json)" in text
+
+
+def test_cpu_path_family_checks_times_and_reports_against_the_targets():
+    """bench/cpu_path.py on a tiny case: covkernels' PyTorch path and eager PyTorch checked and timed, the
+    table and the target lines against torch.compile (a synthetic baseline row here: compiling takes long)."""
+    from bench import cpu_path
+
+    case = cpu_path.CpuCase("fwd_bwd", 8, 300, "fp32")
+    assert case.name == "cpu fwd_bwd 8x300 fp32"
+    chosen = [cpu_path.BY_NAME_CPU[n] for n in ("covkernels_torch", "python_ref")]
+    rows = cpu_path.run_case(case, chosen)
+    assert [r["provider"] for r in rows] == ["covkernels_torch", "python_ref"]
+    for r in rows:
+        assert r["status"] == "ok" and r["op"] == "cpu_fwd_bwd" and r["median_ms"] > 0 and r["first_call_ms"] > 0
+        assert r["errors"]["grad"] < 1e-5
+    baseline = dict(rows[1], provider="compiled_ref", median_ms=rows[0]["median_ms"] / 2)
+    text = cpu_path.table(rows + [baseline])
+    assert "x compile" in text and "2.00" in text
+    assert cpu_path.targets(rows + [baseline]) == [
+        "target cpu fwd_bwd 8x300 fp32: covkernels_torch at 2.00 x torch.compile's time (<= 1.5 x: MISSED)"]
+    memory = dict(rows[0], case="cpu fwd 512x151936 bf16", N=512, V=151936, dtype="bf16", peak_extra_frac_logits=0.01)
+    assert cpu_path.targets([memory]) == [
+        "target cpu fwd 512x151936 bf16: covkernels_torch peak extra 1.0% of the logits (<= 35%: met)"]
+    assert [c.name for c in cpu_path.cases()] == [
+        "cpu fwd 1024x32000 fp32", "cpu fwd_bwd 1024x32000 fp32", "cpu fwd 1024x32000 bf16",
+        "cpu fwd_bwd 1024x32000 bf16", "cpu fwd 512x151936 bf16"]

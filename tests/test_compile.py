@@ -15,18 +15,21 @@ def test_compiled_matches_eager(backend, impl):
 
     def loss(x):
         s = ck.token_stats(x, targets, temperature=0.8, validate=False, impl=impl)
-        return (s.logp * g_logp + s.entropy * g_ent).sum() + s.sum_p2.sum()
+        return (s.logp * g_logp + s.entropy * g_ent).sum() + s.sum_p2.sum(), s
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True, backend=backend)
     results = []
     for fn in (loss, compiled):
         x = logits.clone().requires_grad_()
-        value = fn(x)
+        value, s = fn(x)
         value.backward()
-        results.append((value.detach(), x.grad))
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+        results.append((value.detach(), [f.detach() for f in s[:6]], x.grad))
+    # The op's outputs and the gradient, bit for bit; the loss around them is inductor's own arithmetic
+    # (it may fuse the products into the sum and round once less than eager).
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert torch.equal(results[0][2], results[1][2])
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=2**-20, atol=0)
 
 
 def test_validation_inside_compile_does_not_break_the_graph():

@@ -1,14 +1,19 @@
 """Installation as a user does it: build the wheel, install it in a fresh virtual environment, run an example.
 
-The wheel is built from a copy of the working tree (so the tree is left clean) with the installed setuptools
-and no build isolation, so no network is needed; `python -m build` is used when it is installed. The
-environment is created with --system-site-packages to reuse torch and triton.
+The wheel and the sdist are built from a copy of the working tree (so the tree is left clean) with the
+installed setuptools and no build isolation, so no network is needed; `python -m build` is used when it is
+installed. The fresh environment reuses torch and triton from the environment running the tests: a .pth
+file lists the running interpreter's site-packages. (--system-site-packages would not do: from inside a
+virtualenv it exposes the base interpreter's site-packages, not the virtualenv's, where torch may be.)
 """
+import importlib.metadata
 import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 from pathlib import Path
@@ -16,19 +21,30 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"covkernels", "python_ref"}
+PACKAGES = {"covkernels"}  # python_ref/ stays in the repository and the sdist
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("setuptools") is None,
-                                reason="building the wheel without network needs setuptools installed")
+
+
+def _setuptools_major():
+    try:
+        return int(importlib.metadata.version("setuptools").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# pyproject.toml's build-system asks for setuptools>=68 (the `test` extra installs it); a virtualenv starts
+# with the older one its Python bundles, which cannot build this project.
+pytestmark = pytest.mark.skipif((_setuptools_major() or 0) < 68,
+                                reason="building offline needs setuptools>=68 installed (pip install -e '.[test]')")
 
 # Imports and a tiny call in the installed package, then examples/grpo_plain.py (argv after the script path).
 CHECK = """
-import runpy, sys, covkernels, covkernels.integrations, python_ref, torch
+import runpy, sys, covkernels, covkernels.integrations, torch
 from covkernels import logprobs_and_entropy
 logp, h = logprobs_and_entropy(torch.randn(3, 50), torch.tensor([0, 7, 49]))
 assert torch.all(logp <= 0) and torch.all(h >= 0)
 outside = [m.__file__ for name, m in list(sys.modules.items())
-           if name.split(".")[0] in ("covkernels", "python_ref") and getattr(m, "__file__", None)
+           if name.split(".")[0] == "covkernels" and getattr(m, "__file__", None)
            and not m.__file__.startswith(sys.prefix)]
 assert not outside, outside
 assert not {"trl", "verl"} & set(sys.modules), "import covkernels must not import a trainer"
@@ -45,19 +61,30 @@ def run(cmd, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory):
+def source(tmp_path_factory):
+    """A copy of the working tree, without build products and caches."""
     src = tmp_path_factory.mktemp("src") / "covkernels"
     skip = shutil.ignore_patterns(".git", "__pycache__", "build", "dist", "*.egg-info", ".pytest_cache",
                                   ".hypothesis", ".benchmarks")
     shutil.copytree(ROOT, src, ignore=skip)
-    out = tmp_path_factory.mktemp("wheelhouse")
+    return src
+
+
+def build(source, out, kind):
+    """Builds the wheel or the sdist (kind) of `source` into `out`; returns its path."""
     if importlib.util.find_spec("build") is not None:
-        run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)])
-    else:
-        run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--wheel-dir",
-             str(out), str(src)])
-    (path,) = out.glob("covkernels-*.whl")
+        run([sys.executable, "-m", "build", f"--{kind}", "--no-isolation", "--outdir", str(out), str(source)])
+    else:  # the PEP 517 hook of the installed setuptools, as pip would call it
+        hook = f"build_{kind}"
+        run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.{hook}({str(out)!r})"],
+            cwd=source)
+    (path,) = out.glob("covkernels-*.whl" if kind == "wheel" else "covkernels-*.tar.gz")
     return path
+
+
+@pytest.fixture(scope="module")
+def wheel(source, tmp_path_factory):
+    return build(source, tmp_path_factory.mktemp("wheelhouse"), "wheel")
 
 
 def test_wheel_holds_only_the_packages(wheel):
@@ -69,13 +96,33 @@ def test_wheel_holds_only_the_packages(wheel):
     assert "covkernels/ops/fused_pass.py" in names
 
 
+def test_sdist_keeps_the_reference_and_the_tests(source, tmp_path):
+    sdist = tarfile.open(build(source, tmp_path, "sdist"))
+    names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {"python_ref/__init__.py", "python_ref/logprobs.py", "tests/conftest.py", "MANIFEST.in"} <= names
+    assert "covkernels/ops/fused_pass.py" in names and "pyproject.toml" in names
+
+
+def running_site_packages():
+    """The site-packages directories this interpreter imports from: its virtualenv's (and the base's when
+    that was made with --system-site-packages), else the base interpreter's; the user's if enabled."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 def test_installs_into_a_fresh_venv_and_runs_the_example(wheel, tmp_path):
     env_dir = tmp_path / "venv"
     try:
-        venv.create(env_dir, system_site_packages=True, with_pip=True)
+        venv.create(env_dir, with_pip=True)
     except (subprocess.CalledProcessError, OSError) as exc:  # no ensurepip on this Python
         pytest.skip(f"cannot create a virtual environment with pip: {exc}")
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    purelib = run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip()
+    # Appended to the fresh environment's sys.path, after its own site-packages (where the wheel goes). The
+    # .pth files in them are not run, so an editable covkernels installed there stays out of the way.
+    (Path(purelib) / "running_env.pth").write_text("\n".join(running_site_packages()) + "\n")
     run([str(python), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)])
     # Outside the repository, without the interpreter: what a user on a CPU machine runs.
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH")}

@@ -9,9 +9,11 @@ import torch
 
 TOLERANCES = {
     # "fwd": outputs in fp32; "bwd": gradients stored in the logits' dtype, one ulp of which is allowed
-    # because the Triton interpreter truncates fp32 -> bf16/fp16 where a GPU rounds to nearest.
-    torch.bfloat16: {"fwd": 1e-5, "bwd": 2**-8},
-    torch.float16: {"fwd": 1e-5, "bwd": 2**-11},
+    # because the Triton interpreter truncates fp32 -> bf16/fp16 where a GPU rounds to nearest. An ulp of x
+    # is up to 2^-7 |x| in bf16 (8 significant bits) and 2^-10 |x| in fp16 (11): half that let `make fuzz`
+    # find truncated gradients of magnitude ~8 one ulp off (bf16, 1 case in 600).
+    torch.bfloat16: {"fwd": 1e-5, "bwd": 2**-7},
+    torch.float16: {"fwd": 1e-5, "bwd": 2**-10},
     torch.float32: {"fwd": 1e-5, "bwd": 1e-6},
     torch.float64: {"fwd": 1e-12, "bwd": 1e-12},
 }

@@ -1,49 +1,88 @@
 """The clamped (AEnt) pass in plain PyTorch, a block of rows at a time; same interface as clamped_entropy.py.
 
-The kept set comes from a stable sort of each block of rows (the Triton path selects without sorting).
+The kept set K of a row is the row without its k = floor(p V) smallest raw logits (SPEC section 6): a k-th
+smallest value per row (no sort), then the lowest-index ties. It is described as the Triton kernels describe
+it, by tau (the smallest kept value) and cut (the column of the first kept entry equal to tau: the entries
+equal to tau before it are removed), so the forward's `state` serves either backward. The sums over K are
+the plain pass's with the removed entries at -inf: the row max is always kept, so both share its reference.
 """
 import torch
 
-from .fused_pass_torch import _row_blocks, fused_bwd_torch, fused_fwd_torch
-from .layout import acc_dtype
+from . import rowmath_torch as rm
+from .compiled import run
+from .fused_pass_torch import _CHUNK_ELEMS, fused_bwd_torch, fused_fwd_torch, row_blocks, target_masks
+from .layout import acc_dtype, scale_args
 
 
-def _kept_block(x, inv_temp, clamp_fraction, acc):
-    """(log p~ over K, -inf elsewhere; lse over K; p~) of one [rows, V] block."""
-    V = x.shape[-1]
-    z = x.to(acc) * inv_temp
-    removed = torch.sort(z, dim=-1, stable=True).indices[:, :int(clamp_fraction * V)]
-    zk = z.scatter(-1, removed, float("-inf"))
-    lse_k = torch.logsumexp(zk, dim=-1, keepdim=True)
-    logp_k = zk - lse_k
-    return logp_k, lse_k.squeeze(-1), logp_k.exp()
+def removed(x, k):
+    """bool [R, C]: the k smallest raw logits of each row of x; among equal values the lower index first."""
+    if k == 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    thr = x.kthvalue(k, dim=-1, keepdim=True).values
+    below = x < thr
+    tie = x == thr
+    return below | (tie & (tie.cumsum(-1, dtype=torch.int32) <= k - below.sum(-1, keepdim=True)))
+
+
+def kept(x, tau, cut):
+    """K's mask of a block x [R, C] from its rows' tau and cut [R] (the description `state` keeps)."""
+    cols = torch.arange(x.shape[-1], device=x.device)
+    return (x > tau[:, None]) | ((x == tau[:, None]) & (cols[None, :] >= cut[:, None]))
+
+
+def _kept_sums(x, k, scale):
+    """[4, R] (l_K, s1_K, tau, cut) of a block of raw logits x [R, C] (accumulation dtype), the sums relative to
+    the reference of the row max."""
+    out = removed(x, k)
+    xk = x.masked_fill(out, float("-inf"))
+    _, l, s1, _, _ = rm.block_sums(xk, scale, False)
+    tau = x.masked_fill(out, float("inf")).amin(-1)
+    first_tie = ((x == tau[:, None]) & ~out).to(torch.int8).argmax(-1)
+    return torch.stack([l, s1, tau, first_tie.to(x.dtype)])
 
 
 def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):
-    """Chunked forward; see clamped_entropy.clamped_fwd (`state` holds only lse over K: the backward sorts
-    and normalises again)."""
+    """Chunked forward; see clamped_entropy.clamped_fwd."""
+    V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
-    outs = list(fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats))
-    cent, lse_k, lse_k_lo = (torch.zeros(targets.shape, dtype=acc, device=logits.device) for _ in range(3))
-    valid = (targets != ignore_index).reshape(-1)
-    for sl, x in _row_blocks(logits):
-        logp_k, lk, pk = _kept_block(x, inv_temp, clamp_fraction, acc)
-        h = -(pk * torch.where(pk > 0, logp_k, 0.0)).sum(-1)
-        cent.view(-1)[sl] = torch.where(valid[sl], h.clamp(min=0.0), 0.0)
-        lse_k.view(-1)[sl] = torch.where(valid[sl], lk, 0.0)
-    return (*outs, cent, torch.stack([lse_k, lse_k_lo, torch.zeros_like(lse_k)]))
+    k = int(clamp_fraction * V)
+    scale, _ = scale_args(inv_temp, logits.dtype)
+    outs = fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats)
+    valid, bad, _ = target_masks(targets, V, ignore_index)
+    sums = torch.zeros((4, valid.numel()), dtype=acc, device=logits.device)
+    for sl, x in row_blocks(logits, chunk=_CHUNK_ELEMS):  # the kept set takes a few copies of a block
+        sums[:, sl] = run(_kept_sums, x.to(acc), k, scale)
+    lk, s1k, tau, cut = sums
+    lk = torch.where(valid, lk, 1.0)
+    big_lk = rm.log2(lk)
+    cent = (big_lk - s1k / lk) * rm.LN2
+    cent = torch.where(cent < 0, 0.0, cent)
+    keep = valid & ~bad
+
+    def row(v):  # 0 on ignored rows, NaN on rows with a bad target
+        return torch.where(bad, float("nan"), torch.where(keep, v, 0.0)).view(targets.shape)
+
+    state = torch.stack([row(big_lk), tau.view(targets.shape), cut.view(targets.shape)])
+    return (*outs, row(cent), state)
 
 
 def clamped_bwd_torch(logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped,
-                      inv_temp, ignore_index, clamp_fraction, out):
-    """Chunked backward; see clamped_entropy.clamped_bwd. `out` may be `logits` itself."""
+                      inv_temp, ignore_index, out):
+    """Chunked backward; see clamped_entropy.clamped_bwd. `out` may be `logits` itself. The clamped term is
+    the fused gradient of an entropy over K: -g p~ (log p~ + H~) / T there, 0 elsewhere (p~ = 0)."""
     acc = acc_dtype(logits.dtype)
+    scale, inv_t = scale_args(inv_temp, logits.dtype)
+    valid, _, _ = target_masks(targets, logits.shape[-1], ignore_index)
+    big_lk, tau, cut = state.reshape(3, -1)
+    lse2_k = torch.stack([lse2.reshape(2, -1)[0], big_lk])
     g_cent = grad_clamped.reshape(-1).to(acc)
-    cent = clamped_entropy.reshape(-1)
+    no_target = torch.full_like(valid, -1, dtype=torch.long)  # the log-prob term is the plain pass's
+    per_row = (no_target, valid, lse2_k, clamped_entropy.reshape(-1), torch.zeros_like(g_cent), g_cent, tau, cut)
 
     def clamped_grad(sl, x):
-        logp_k, _, pk = _kept_block(x, inv_temp, clamp_fraction, acc)
-        return -g_cent[sl, None] * pk * (torch.where(pk > 0, logp_k, 0.0) + cent[sl, None])
+        t, v, l2, c, g0, g, tau_r, cut_r = (a[..., sl] for a in per_row)
+        xk = x.to(acc).masked_fill(~kept(x.to(acc), tau_r, cut_r), float("-inf"))
+        return run(rm.grad, xk, t, v, l2, c, g0, g, scale, inv_t)
 
     return fused_bwd_torch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                            extra_grad=clamped_grad)

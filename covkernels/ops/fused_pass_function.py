@@ -99,9 +99,8 @@ fused_bwd_op.register_autograd(_no_double_backward, setup_context=_no_context)
 def clamped_fwd_op(logits: Tensor, targets: Tensor, inv_temp: float, ignore_index: int, clamp_fraction: float,
                    stats: bool, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                            Tensor]:
-    if use_triton:
-        return tuple(clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats))
-    return tuple(clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats))
+    launch = clamped_fwd if use_triton else clamped_fwd_torch
+    return tuple(launch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats))
 
 
 @clamped_fwd_op.register_fake
@@ -115,13 +114,12 @@ def _(logits, targets, inv_temp, ignore_index, clamp_fraction, stats, use_triton
 @torch.library.custom_op("covkernels::clamped_bwd", mutates_args=())
 def clamped_bwd_op(logits: Tensor, targets: Tensor, lse2: Tensor, entropy: Tensor, clamped_entropy: Tensor,
                    state: Tensor, grad_logp: Tensor, grad_entropy: Tensor, grad_clamped: Tensor, inv_temp: float,
-                   ignore_index: int, clamp_fraction: float, use_triton: bool) -> Tensor:
+                   ignore_index: int, use_triton: bool) -> Tensor:
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     args = (logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped, inv_temp,
             ignore_index)
-    if use_triton:  # the kept set is in `state`
-        return clamped_bwd(*args, out)
-    return clamped_bwd_torch(*args, clamp_fraction, out)
+    launch = clamped_bwd if use_triton else clamped_bwd_torch
+    return launch(*args, out)
 
 
 @clamped_bwd_op.register_fake
@@ -130,10 +128,10 @@ def _(logits, *args):
 
 
 def _clamped_setup_context(ctx, inputs, output):
-    logits, targets, inv_temp, ignore_index, clamp_fraction, _, use_triton = inputs
+    logits, targets, inv_temp, ignore_index, _, _, use_triton = inputs
     _, entropy, _, _, _, lse2, clamped_entropy, state = output
     ctx.save_for_backward(logits, targets, lse2, entropy, clamped_entropy, state)
-    ctx.args = (inv_temp, ignore_index, clamp_fraction, use_triton)
+    ctx.args = (inv_temp, ignore_index, use_triton)
 
 
 def _clamped_backward(ctx, grad_logp, grad_entropy, _lse, _s2, _s3, _lse2, grad_clamped, _state):

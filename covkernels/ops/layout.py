@@ -1,6 +1,7 @@
 """Host-side choices shared by the launchers: how rows are addressed, block sizes, programs per row."""
 import functools
 
+import numpy as np
 import torch
 import triton
 
@@ -56,9 +57,14 @@ def new_outputs(targets, acc, stats):
     return outs + [torch.empty((2, *targets.shape), dtype=acc, device=targets.device)]
 
 
-def scale_args(inv_temp):
-    """(scale, inv_temp) kernel arguments for 1 / T: scale = log2(e) / T, the base-2 factor of rowmath.py."""
-    return _LOG2E * inv_temp, inv_temp
+def scale_args(inv_temp, dtype=torch.float32):
+    """(scale, inv_temp) for 1 / T: scale = log2(e) / T, the base-2 factor of rowmath.py, both rounded to fp32 as
+    a kernel's float argument is (so that the PyTorch path's products round as the kernels'), or kept in
+    float64 for fp64 logits (the PyTorch path's)."""
+    scale = _LOG2E * inv_temp
+    if dtype == torch.float64:
+        return scale, inv_temp
+    return float(np.float32(scale)), float(np.float32(inv_temp))
 
 
 def read_in_pairs(x, V, stride_outer, stride_inner):

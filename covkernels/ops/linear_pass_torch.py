@@ -1,16 +1,18 @@
-"""The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64 on CUDA).
+"""The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64).
 
-Same interface and outputs as the launchers in linear_pass.py. The logits exist one fp32 block of at
-most _CHUNK_ELEMS elements at a time (rows x vocabulary columns), folded into the base-2 row sums of
-rowmath_torch.py as the vocabulary-parallel path folds shards; the backward recomputes each block.
+Same interface and outputs as the launchers in linear_pass.py. The logits exist one block of at most
+_CHUNK_ELEMS elements at a time (rows x vocabulary columns): the forward folds each block's base-2 row sums
+(rowmath_torch.py) into the rows' running sums, as the vocabulary-parallel path folds shards; the backward
+recomputes each block and takes the fused pass's gradient of it. Big blocks run through torch.compile.
 """
 import math
 
 import torch
 
 from . import rowmath_torch as rm
+from .compiled import run
+from .fused_pass_torch import target_masks
 from .layout import acc_dtype, new_outputs, scale_args
-from .vocab_parallel import _shard_targets
 
 _CHUNK_ELEMS = 1 << 21
 
@@ -22,56 +24,55 @@ def _blocks(N, V):
 
 
 def _logits(h_rows, weight, bias, c0, c1, acc):
-    """fp32 (fp64) logits of rows h_rows (already in acc) and vocabulary columns [c0, c1)."""
+    """Logits (acc dtype) of rows h_rows (already in acc) and vocabulary columns [c0, c1)."""
     z = h_rows @ weight[c0:c1].to(acc).T
     return z if bias is None else z + bias[c0:c1].to(acc)
 
 
-def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stats, splits=None):
-    """Chunked PyTorch forward; see linear_pass.linear_fwd (`splits` is accepted and ignored)."""
+def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stats):
+    """Chunked PyTorch forward; see linear_pass.linear_fwd."""
     D, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
+    scale, inv_temp = scale_args(inv_temp, hidden.dtype)
+    valid, bad, _ = target_masks(targets, V, ignore_index)
+    t = targets.reshape(-1).long()
     outs = new_outputs(targets, acc, stats)
     flat = [o.view(-1) for o in outs[:5 if stats else 3]]
     lse2 = outs[5].view(2, -1)
-    t = targets.reshape(-1)
-    scale, inv_temp = scale_args(inv_temp)
     rows, cols = _blocks(N, V)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        h_rows, t_rows = h[r0:r1].to(acc), t[r0:r1]
-        sums = torch.zeros((5, r1 - r0), dtype=acc, device=h.device)
-        sums[0] = float("-inf")
-        x_t = torch.zeros(r1 - r0, dtype=acc, device=h.device)
+        h_rows = h[r0:r1].to(acc)
+        sums, x_t = None, torch.zeros(r1 - r0, dtype=acc, device=h.device)
         for c0 in range(0, V, cols):
             c1 = min(c0 + cols, V)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
-            sums = rm.merge(torch.stack([sums, rm.block_sums(z, scale, stats)], dim=-1), -1, scale)
-            local_t = t_rows.long() - c0
+            part = run(rm.block_sums, z, scale, stats)
+            sums = part if sums is None else rm.merge(torch.stack([sums, part], dim=-1), -1, scale)
+            local_t = t[r0:r1] - c0
             owned = (local_t >= 0) & (local_t < c1 - c0)
             x_t += torch.where(owned, z.gather(-1, torch.where(owned, local_t, 0)[:, None]).squeeze(-1), 0.0)
-        valid = t_rows != ignore_index
-        bad = valid & ((t_rows < 0) | (t_rows >= V))
-        *row_outs, row_lse2 = rm.finish(sums, x_t, scale, inv_temp, valid, bad)
-        for out, val in zip(flat, row_outs):
+        *vals, row_lse2 = rm.finish(sums, x_t, scale, inv_temp, valid[r0:r1], bad[r0:r1])
+        for out, val in zip(flat, vals):
             out[r0:r1] = val
         lse2[:, r0:r1] = row_lse2
     return outs
 
 
 def linear_bwd_torch(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp,
-                     ignore_index, needs=(True, True, True), chunk=None):
-    """Chunked PyTorch backward; see linear_pass.linear_bwd (`chunk` is accepted and ignored)."""
+                     ignore_index, needs=(True, True, True)):
+    """Chunked PyTorch backward; see linear_pass.linear_bwd."""
     D, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, D)
     N = h.shape[0]
     acc = acc_dtype(hidden.dtype)
-    t = targets.reshape(-1)
-    lse2, ent = lse2.reshape(2, -1), entropy.reshape(-1)
-    g_logp, g_ent = grad_logp.reshape(-1).to(acc), grad_entropy.reshape(-1).to(acc)
-    scale, inv_temp = scale_args(inv_temp)
+    scale, inv_temp = scale_args(inv_temp, hidden.dtype)
+    valid, _, _ = target_masks(targets, V, ignore_index)
+    t = targets.reshape(-1).long()
+    per_row = (valid, lse2.reshape(2, -1), entropy.reshape(-1), grad_logp.reshape(-1).to(acc),
+               grad_entropy.reshape(-1).to(acc))
     d_h = torch.zeros((N, D), dtype=acc, device=h.device) if needs[0] else None
     d_w = torch.empty_like(weight) if needs[1] else None
     d_b = torch.empty_like(bias) if bias is not None and needs[2] else None
@@ -85,10 +86,8 @@ def linear_bwd_torch(hidden, weight, bias, targets, lse2, entropy, grad_logp, gr
             r1 = min(r0 + rows, N)
             h_rows = h[r0:r1].to(acc)
             z = _logits(h_rows, weight, bias, c0, c1, acc)
-            local_t = _shard_targets(t[r0:r1], c0, c1 - c0, ignore_index)
-            # A target outside [0, V) (validate=False) left its row NaN: its gradient is NaN too (through lse2).
-            dz = rm.grad(z, local_t, lse2[:, r0:r1], ent[r0:r1], g_logp[r0:r1], g_ent[r0:r1], scale, inv_temp,
-                         ignore_index)
+            # The target's column in this block; one outside it matches no column (no delta term).
+            dz = run(rm.grad, z, t[r0:r1] - c0, *(a[..., r0:r1] for a in per_row), scale, inv_temp)
             d_w_c += dz.T @ h_rows
             d_b_c += dz.sum(0)
             if d_h is not None:

@@ -1,21 +1,30 @@
 """The row math of rowmath.py in PyTorch, on blocks of rows: the same base-2 sums, maxima and lse2, so that the
 PyTorch paths and the Triton kernels exchange partial sums (vocabulary shards) and lse2 freely.
 
-A row's reference is r = fl32(m * scale) (m its max raw logit, scale = log2(e) / T); an entry's
+A row's reference is r = fl32(m * scale) (m its max raw logit, scale = log2(e) / T rounded to fp32 by
+layout.scale_args, as a kernel's argument is, so that these products round as the kernels'); an entry's
 u = x * scale - r is formed as (x - m) * scale + (m * scale - r), the last term exact in float64, so that
 x * scale is never rounded on its own (SPEC section 10), as the kernels' fused multiply-add does. A row whose
 m * scale overflows is in safe mode: u = (x - m) * scale.
 """
-import numpy as np
 import torch
 
+from .layout import acc_dtype
+
 LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
 U_FLOOR = -1000.0
 
 
-def _as(scale, dtype):
-    """The Python float `scale` rounded as a kernel (or torch, multiplying a tensor of `dtype`) rounds it."""
-    return scale if dtype == torch.float64 else float(np.float32(scale))
+# torch.exp2 and log2 on the CPU round differently in a loop's vectorised body and its scalar tail, so a row's
+# bits would depend on where the row sits in the tensor (data parallelism must give one process's bits); exp
+# and log do not.
+def exp2(u):
+    return torch.exp(u * LN2)
+
+
+def log2(x):
+    return torch.log(x) * LOG2E
 
 
 def _offset(m, scale):
@@ -23,7 +32,7 @@ def _offset(m, scale):
     in float64 (0 where m is not finite or the row is in safe mode); r = 0 where m = -inf."""
     r = m * scale
     fast = m.isfinite() & r.isfinite()
-    delta = torch.where(fast, m.double() * _as(scale, m.dtype) - r.double(), 0.0).to(m.dtype)
+    delta = torch.where(fast, m.double() * scale - r.double(), 0.0).to(m.dtype)
     return torch.where(m == float("-inf"), 0.0, r), delta
 
 
@@ -31,16 +40,20 @@ def scaled(x, m, scale, floor=True):
     """u = x * scale - r of a block x [R, C] (acc dtype) with row maxima m [R], floored at U_FLOOR unless told not
     to (a -inf entry's weight is 0 either way, and e * u stays finite); NaN stays NaN."""
     _, delta = _offset(m, scale)
-    u = (x - torch.where(m.isfinite(), m, 0.0)[:, None]) * scale + delta[:, None]
+    # m = -inf: nothing to refer to (every entry -inf); m = NaN (a +inf logit) keeps the row NaN.
+    u = (x - torch.where(m == float("-inf"), 0.0, m)[:, None]) * scale + delta[:, None]
     return torch.where(u < U_FLOOR, U_FLOOR, u) if floor else u
 
 
 def block_sums(x, scale, stats):
-    """[5, R] (m, l, s1, q, q1) of a block of rows x [R, C] (acc dtype): the max and the base-2 sums relative to
-    its reference; m = -inf and zero sums on rows with nothing to add (empty or all -inf)."""
+    """[5, R] (m, l, s1, q, q1) of a block of rows x [R, C] (any float dtype, taken in its accumulation dtype):
+    the max and the base-2 sums relative to its reference; m = -inf and zero sums on rows with nothing to add
+    (empty or all -inf). Without stats, q and q1 are 0."""
+    x = x.to(acc_dtype(x.dtype))
     m = x.amax(dim=-1) if x.shape[-1] else torch.full(x.shape[:1], float("-inf"), dtype=x.dtype, device=x.device)
+    m = torch.where(m == float("inf"), float("nan"), m)  # +inf in a row has no softmax: NaN there, as the kernels
     u = scaled(x, m, scale)
-    e = u.exp2()
+    e = exp2(u)
     sums = [m, e.sum(-1), (e * u).sum(-1)]
     if stats:
         e2 = e * e
@@ -53,7 +66,7 @@ def block_sums(x, scale, stats):
 def rescale(d, l, s1, q, q1):
     """The sums relative to a reference moved by d = r_old - r_new <= 0 (rowmath.rescale)."""
     d = torch.clamp(d, min=U_FLOOR)
-    a = d.exp2()
+    a = exp2(d)
     return a * l, a * (s1 + d * l), a * a * q, a * a * (q1 + d * q)
 
 
@@ -83,7 +96,7 @@ def finish(sums, x_t, scale, inv_temp, valid, bad):
     safe = m.isfinite() & ~r.isfinite()
     u_t = scaled(x_t[:, None], m, scale, floor=False)[:, 0]
     l = torch.where(valid, l, 1.0)
-    big_l = l.log2()
+    big_l = log2(l)
     logp = (u_t - big_l) * LN2
     logp = torch.where(logp > 0, 0.0, logp)
     ent = (big_l - s1 / l) * LN2
@@ -95,15 +108,14 @@ def finish(sums, x_t, scale, inv_temp, valid, bad):
     return (*outs[:5], torch.stack(outs[5:]))
 
 
-def grad(x, t, lse2, ent, g_logp, g_ent, scale, inv_temp, ignore_index):
-    """dz of a block of rows x [R, C] (acc dtype, SPEC section 3) from lse2 = (m, L) [2, R], columns matched
-    against targets t [R] (relative to the block: a target outside [0, C) adds no delta); 0 on ignored rows."""
+def grad(x, col_t, valid, lse2, ent, g_logp, g_ent, scale, inv_temp):
+    """dz [R, C] (x's accumulation dtype, SPEC section 3) of a block of rows x [R, C] from lse2 = (m, L) [2, R]:
+    p (A + B log2 p) + [j = col_t] g_logp / T, col_t the target's column in the block (outside [0, C): no
+    delta, as for a target another block or shard holds); 0 on rows not `valid`. Per-row arguments [R]."""
+    x = x.to(acc_dtype(x.dtype))
     m, big_l = lse2
     w = torch.clamp(scaled(x, m, scale) - big_l[:, None], min=U_FLOOR)
-    p = w.exp2()
-    coef_a = -(g_logp + g_ent * ent) * inv_temp
-    coef_b = -g_ent * LN2 * inv_temp
-    dz = p * (coef_a[:, None] + coef_b[:, None] * w)
+    dz = exp2(w) * ((-(g_logp + g_ent * ent) * inv_temp)[:, None] + (-g_ent * LN2 * inv_temp)[:, None] * w)
     cols = torch.arange(x.shape[-1], device=x.device)
-    dz = dz + torch.where(cols[None, :] == t[:, None], (g_logp * inv_temp)[:, None], 0.0)
-    return torch.where((t != ignore_index)[:, None], dz, 0.0)
+    dz = dz + torch.where(cols[None, :] == col_t[:, None], (g_logp * inv_temp)[:, None], 0.0)
+    return torch.where(valid[:, None], dz, 0.0)

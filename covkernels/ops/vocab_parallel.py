@@ -28,10 +28,10 @@ def _partials_torch(logits, targets, inv_temp, ignore_index, stats):
     valid = targets.reshape(-1) != ignore_index
     part = torch.zeros((5, x.shape[0]), dtype=acc, device=logits.device)
     part[0] = float("-inf")
-    scale, _ = scale_args(inv_temp)
+    scale, _ = scale_args(inv_temp, logits.dtype)
     step = max(1, _CHUNK_ELEMS // max(V, 1))
     for i in range(0, x.shape[0], step):
-        sums = rm.block_sums(x[i:i + step].to(acc), scale, stats)
+        sums = rm.block_sums(x[i:i + step], scale, stats)
         part[:, i:i + step] = torch.where(valid[i:i + step], sums, part[:, i:i + step])
     return part
 
@@ -53,7 +53,7 @@ def vocab_parallel_fwd(logits, targets, vocab_start, group, inv_temp, ignore_ind
         x_t = logits.gather(-1, torch.where(owned, local_t, 0).unsqueeze(-1)).squeeze(-1).to(acc)
     x_t = torch.where(owned, x_t, 0.0).reshape(-1)
 
-    scale, inv_temp = scale_args(inv_temp)
+    scale, inv_temp = scale_args(inv_temp, logits.dtype)
     m = m_shard.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     l, s1, q, q1 = rm.rescale(rm.shift(m_shard, m, scale), l, s1, q, q1)
@@ -89,12 +89,12 @@ def _bwd_torch(logits, local_t, lse2, entropy, g_logp, g_ent, inv_temp, ignore_i
     out = torch.empty(x.shape, dtype=logits.dtype, device=logits.device)
     t, lse2, ent = local_t.reshape(-1), lse2.reshape(2, -1), entropy.reshape(-1)
     g_logp, g_ent = g_logp.reshape(-1).to(acc), g_ent.reshape(-1).to(acc)
-    scale, inv_temp = scale_args(inv_temp)
+    scale, inv_temp = scale_args(inv_temp, logits.dtype)
     step = max(1, _CHUNK_ELEMS // max(V, 1))
     for i in range(0, x.shape[0], step):
         sl = slice(i, i + step)
-        out[sl] = rm.grad(x[sl].to(acc), t[sl], lse2[:, sl], ent[sl], g_logp[sl], g_ent[sl], scale, inv_temp,
-                          ignore_index)
+        out[sl] = rm.grad(x[sl], t[sl], t[sl] != ignore_index, lse2[:, sl], ent[sl], g_logp[sl], g_ent[sl], scale,
+                          inv_temp)
     return out.view(logits.shape)
 
 

@@ -1,4 +1,4 @@
-"""AEnt's adaptive coefficient (Shen 2025, arXiv 2509.03493; SPEC section 6)."""
+"""AEnt's adaptive coefficient (Shen 2025, arXiv 2509.03493; docs/aent.md#the-coefficient-controller)."""
 import math
 
 from ._validation import check_fraction, check_nonnegative, check_positive

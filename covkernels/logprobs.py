@@ -61,7 +61,8 @@ def logprobs_and_entropy(logits, targets, *, temperature=1.0, ignore_index=-100,
 
 def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fraction=None, validate=True,
                 impl="auto"):
-    """Every per-row statistic of the fused pass (SPEC section 2), from the same single read.
+    """Every per-row statistic of the fused pass from the same single read
+    (docs/fused_pass.md#per-row-statistics).
 
     Arguments as `logprobs_and_entropy`. Returns a TokenStats of [...] fp32 tensors: logp and entropy
     (differentiable), and detached lse, p_target = exp(logp), sum_p2 = sum p^2 and

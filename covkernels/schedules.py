@@ -1,7 +1,8 @@
 """Coefficient schedules (entropy bonus alpha, KL-Cov beta, ...): callables step -> float, pure Python.
 
-The entropy bonus biases the stationary policy unless its coefficient is annealed to 0 (SPEC section 6),
-so every coefficient may be given either as a number or as one of these schedules; `resolve` reads both.
+The entropy bonus biases the stationary policy unless its coefficient is annealed to 0
+(docs/losses.md#entropy-bonus), so every coefficient may be given either as a number or as one of these
+schedules; `resolve` reads both.
 
     >>> alpha = cosine(1e-2, 0.0, steps=1000)
     >>> resolve(alpha, 500), resolve(3e-4, 500)

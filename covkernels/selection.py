@@ -1,4 +1,4 @@
-"""Covariance scores and the Clip-Cov / KL-Cov token selections (SPEC section 5), free of host syncs.
+"""Covariance scores and the Clip-Cov / KL-Cov token selections (docs/selection.md), free of host syncs.
 
 All work is on [B, T] vectors in torch: the counts and n stay tensors, and a selection is "rank < n",
 where ranks come from stable sorts, so no `.item()`, `nonzero` or boolean indexing is ever needed and

@@ -3,7 +3,7 @@
 fit_entropy_law: Cui et al.'s empirical law between policy entropy H and reward R over training,
     R = -a exp(H) + b, fitted by least squares with standard errors.
 entropy_regularized_policy: softmax(r / alpha), the maximiser of E_pi[r] + alpha H(pi) in a bandit
-    state, i.e. the stationary policy of a constant entropy bonus (SPEC section 6).
+    state, i.e. the stationary policy of a constant entropy bonus (docs/losses.md#entropy-bonus).
 
     >>> law = fit_entropy_law(entropy=[2.0, 1.5, 1.0, 0.5], reward=[0.1, 0.5, 0.7, 0.8])
     >>> law.ceiling          # predicted reward at H = 0, b - a

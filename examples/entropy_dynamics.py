@@ -1,4 +1,4 @@
-"""Predicted against measured entropy change after one policy-gradient step (SPEC section 4).
+"""Predicted against measured entropy change after one policy-gradient step (docs/entropy_dynamics.md).
 
 Part 1, tabular: a softmax policy whose parameters are the logits, a table of S states x V actions. One
 token is sampled per state and gets an advantage A ~ N(0, 1); one step of the policy gradient (logit step
@@ -16,7 +16,8 @@ step never saw, and covkernels.entropy_change_from_logits gives each token's mea
 et al.'s Lemma 1 with the ACTUAL logit change, -Cov_p(log p, dz). Beside it, three heuristics that do not
 see dz, each at its best scale, since on a network that shares its parameters between tokens they are off by
 one to two orders of magnitude:
-  - token-local pg (SPEC section 4, `entropy_change`): the tabular step lr / N on each token's own logits,
+  - token-local pg (`entropy_change`, docs/entropy_dynamics.md#one-step-on-the-sampled-token): the tabular
+    step lr / N on each token's own logits,
   - token-local npg, (l + H) A,
   - Cui et al.'s selection score for Clip-Cov / KL-Cov (their Eq. 10, as verl computes it),
     (l - mean l)(A - mean A), batch-centred.
@@ -196,7 +197,8 @@ def lm_study(args):
 
 
 PREDICTORS = ("lemma1", "pg", "npg", "eq10")
-NAMES = {"lemma1": "Lemma 1 with the actual dz, -Cov(log p, dz)", "pg": "heuristic: token-local pg (SPEC 4)",
+NAMES = {"lemma1": "Lemma 1 with the actual dz, -Cov(log p, dz)",
+         "pg": "heuristic: token-local pg (entropy_change)",
          "npg": "heuristic: token-local npg, (l + H) A", "eq10": "heuristic: Eq. 10 score (l - l_bar)(A - A_bar)"}
 
 

@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference of covkernels: the executable form of SPEC.md, never edited to match a kernel."""
+"""Plain-PyTorch reference of covkernels: the executable form of docs/, never edited to match a kernel."""
 from .aent import aent_coef_trajectory
 from .dynamics import EntropyChange, entropy_change_from_logits
 from .linear import LMHead, linear_logprobs_and_entropy, linear_token_stats

@@ -1,4 +1,5 @@
-"""Reference of AEnt's coefficient controller (SPEC section 6), written as one loop over a logged run."""
+"""Reference of AEnt's coefficient controller (docs/aent.md#the-coefficient-controller), written as one loop
+over a logged run."""
 
 
 def aent_coef_trajectory(entropies, *, coef=2e-4, entropy_low=0.05, entropy_high=0.23, lr=1e-3, coef_min=1e-5,

@@ -1,4 +1,5 @@
-"""Reference for the entropy change under an arbitrary logit update (SPEC section 4, last bullet).
+"""Reference for the entropy change under an arbitrary logit update
+(docs/entropy_dynamics.md#any-logit-update).
 
 Computed in the dtype of the input: float64 logits give the ground truth, bf16 logits what plain PyTorch
 does in bf16. `impl` is accepted and ignored, as in the rest of python_ref.

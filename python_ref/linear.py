@@ -1,5 +1,5 @@
-"""Reference for the fused LM head: the statistics of SPEC sections 2-4 of the logits
-z = hidden @ weight.T + bias, written plainly (the logits are built in full, then `token_stats`).
+"""Reference for the fused LM head: the statistics of docs/fused_pass.md and docs/entropy_dynamics.md of the
+logits z = hidden @ weight.T + bias, written plainly (the logits are built in full, then `token_stats`).
 
 Computes in the dtype of the inputs: float64 gives the ground truth, bf16 what plain PyTorch does in bf16.
 `validate` and `impl` only steer the kernels; they are accepted and ignored.

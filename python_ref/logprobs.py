@@ -1,4 +1,4 @@
-"""Reference for the fused pass (SPEC sections 2-4), written plainly in PyTorch.
+"""Reference for the fused pass (docs/fused_pass.md, docs/entropy_dynamics.md), written plainly in PyTorch.
 
 Every function computes in the dtype of its input: pass float64 logits to get the ground truth, or bf16
 logits to get what plain PyTorch does in bf16. The signatures match covkernels; arguments that only
@@ -22,10 +22,10 @@ class TokenStats(NamedTuple):
 
 
 def clamped_entropy(z, clamp_fraction, logits):
-    """AEnt's clamped entropy (SPEC section 6) of each row of z = logits / T [..., V]: the entropy of the softmax
-    renormalised over K, the row without its floor(p V) smallest logits (a stable ascending sort of the raw
-    logits, before the temperature: among equal logits the lower index goes first; two logits that differ
-    can tie after the division). Differentiable; 0 gradient off K."""
+    """AEnt's clamped entropy (docs/aent.md) of each row of z = logits / T [..., V]: the entropy of the
+    softmax renormalised over K, the row without its floor(p V) smallest logits (a stable ascending sort of
+    the raw logits, before the temperature: among equal logits the lower index goes first; two logits that
+    differ can tie after the division). Differentiable; 0 gradient off K."""
     V = z.shape[-1]
     order = torch.sort(logits.detach(), dim=-1, stable=True).indices
     removed = torch.zeros(z.shape, dtype=torch.bool, device=z.device).scatter(-1, order[..., :int(clamp_fraction * V)],
@@ -76,7 +76,8 @@ def logprobs_and_entropy(logits, targets, *, temperature=1.0, ignore_index=-100,
 
 
 def entropy_change(stats, advantages, *, kind="pg", lr=1.0):
-    """First-order entropy change of each state after one step on its sampled token (SPEC section 4).
+    """First-order entropy change of each state after one step on its sampled token
+    (docs/entropy_dynamics.md).
 
     kind="pg": logit step lr*A*(e_t - p), dH = -lr*A*[p_t (logp_t + H) - (sum_p2_logp + H sum_p2)].
     kind="npg": logit step lr*A*e_t/p_t, dH = -lr*A*(logp_t + H).

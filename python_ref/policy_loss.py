@@ -1,8 +1,8 @@
-"""Reference for the policy losses, their aggregation and metrics (SPEC sections 6, 7 and 9).
+"""Reference for the policy losses, their aggregation and metrics (docs/losses.md).
 
 Written plainly in PyTorch, in the dtype of the inputs (float64 in gives the ground truth). The numbers
 follow verl 0.9.1 (`verl/trainer/ppo/core_algos.py`: compute_policy_loss_vanilla / _clip_cov / _kl_cov,
-agg_loss) wherever the SPEC calls them verl-compatible.
+agg_loss) wherever docs/losses.md calls them verl-compatible.
 """
 import math
 
@@ -31,7 +31,7 @@ def _masked_mean(x, valid):
 
 def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None, num_seqs=None,
              horizon=None):
-    """Aggregate a per-token loss [B, T] into a 0-dim tensor (SPEC section 7), m = loss_mask != 0:
+    """Aggregate a per-token loss [B, T] into a 0-dim tensor (docs/losses.md#aggregation), m = loss_mask != 0:
 
     token-mean               sum(L*m) / N, N = num_tokens or sum(m)
     token-sum                sum(L*m)

@@ -1,4 +1,4 @@
-"""Reference for the covariance scores and the two token-selection rules (SPEC section 5).
+"""Reference for the covariance scores and the two token-selection rules (docs/selection.md).
 
 Plain PyTorch with host syncs, `nonzero` and sorts: the rules are written so that a kernel which never
 syncs with the host can follow them bit for bit (same random keys, same tie-breaking).

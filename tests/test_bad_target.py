@@ -1,6 +1,7 @@
-"""A target outside [0, V) with validate=False (SPEC section 10): EVERY output of its row is NaN (logp,
-entropy, lse, p_target, sum_p2, sum_p2_logp, clamped entropy) and so is its gradient, on every path (logits,
-LM head, vocabulary-parallel; Triton and PyTorch); the other rows are exact and nothing is read out of bounds.
+"""A target outside [0, V) with validate=False (docs/numerics.md#bad-input): EVERY output of its row is NaN
+(logp, entropy, lse, p_target, sum_p2, sum_p2_logp, clamped entropy) and so is its gradient, on every path
+(logits, LM head, vocabulary-parallel; Triton and PyTorch); the other rows are exact and nothing is read out
+of bounds.
 """
 import pytest
 import torch

@@ -242,7 +242,8 @@ def test_compiled_kernel_at_realistic_shapes(N, V):
 
 
 def test_reference_agrees_with_the_tabular_formula():
-    """For the tabular policy-gradient step dz = lr A (e_t - p), Lemma 1 is SPEC section 4's `entropy_change`."""
+    """For the tabular policy-gradient step dz = lr A (e_t - p), Lemma 1 is `entropy_change`
+    (docs/entropy_dynamics.md#one-step-on-the-sampled-token)."""
     g = torch.Generator().manual_seed(9)
     z = 2 * torch.randn(7, 50, generator=g, dtype=torch.float64)
     t = torch.randint(0, 50, (7,), generator=g)

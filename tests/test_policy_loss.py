@@ -1,4 +1,5 @@
-"""policy_loss / token_loss / selections against python_ref, and the properties SPEC sections 5-9 promise."""
+"""policy_loss / token_loss / selections against python_ref, and the properties docs/selection.md and
+docs/losses.md promise."""
 import pytest
 import torch
 

@@ -1,6 +1,6 @@
-"""A ratio of 0 selects no token (SPEC section 5): Clip-Cov and KL-Cov anneal to exactly the plain loss, on
-every path (python_ref, the sync-free selection, policy_loss, torch.compile, schedules, CovSelection, and
-data parallel over a spawned gloo group of two ranks). verl asserts ratio > 0 instead."""
+"""A ratio of 0 selects no token (docs/selection.md#how-many-tokens): Clip-Cov and KL-Cov anneal to exactly
+the plain loss, on every path (python_ref, the sync-free selection, policy_loss, torch.compile, schedules,
+CovSelection, and data parallel over a spawned gloo group of two ranks). verl asserts ratio > 0 instead."""
 import datetime
 import os
 

@@ -1,6 +1,6 @@
-"""The temperature costs no accuracy (SPEC section 10) on every path: with large logits and temperatures that
-are not powers of two, the error against float64 stays within the tolerance rule against plain PyTorch's
-x / T, forward and backward. A temperature fp32 cannot apply is a ValueError naming it."""
+"""The temperature costs no accuracy (docs/numerics.md#temperature) on every path: with large logits and
+temperatures that are not powers of two, the error against float64 stays within the tolerance rule against
+plain PyTorch's x / T, forward and backward. A temperature fp32 cannot apply is a ValueError naming it."""
 import pytest
 import torch
 import torch.distributed as dist

@@ -1,4 +1,4 @@
-"""Policy losses on top of the fused pass (SPEC sections 6, 7, 9): PPO-clip, Clip-Cov, KL-Cov, entropy bonus.
+"""Policy losses on top of the fused pass (docs/losses.md): PPO-clip, Clip-Cov, KL-Cov, entropy bonus.
 
     config.py       LossConfig: every setting of a loss, checked once; schedules read at a step
     policy.py       policy_loss (from logits or an LM head), token_loss (from log-probs), the method aliases

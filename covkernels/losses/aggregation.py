@@ -1,4 +1,4 @@
-"""agg_loss: a per-token loss [B, T] to one number, as verl's agg_loss (SPEC section 7)."""
+"""agg_loss: a per-token loss [B, T] to one number, as verl's agg_loss (docs/losses.md#aggregation)."""
 import torch
 
 from .._validation import check_choice, check_nonnegative
@@ -14,7 +14,8 @@ def _div(num, den):
 
 def agg_loss(loss_mat, loss_mask, loss_agg_mode="token-mean", *, num_tokens=None, num_seqs=None, horizon=None,
              process_group=None):
-    """Aggregates a per-token loss [B, T] into a 0-dim tensor (SPEC section 7); m = loss_mask != 0.
+    """Aggregates a per-token loss [B, T] into a 0-dim tensor (docs/losses.md#aggregation);
+    m = loss_mask != 0.
 
     token-mean: sum(L m) / N; token-sum: sum(L m); seq-mean-token-sum: sum_b sum_t(L m) / S;
     seq-mean-token-mean: sum_b [sum_t(L m) / sum_t m] / S; seq-mean-token-sum-norm: sum(L m) / S / horizon.

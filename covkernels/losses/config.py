@@ -1,4 +1,4 @@
-"""LossConfig: the settings of a policy loss, written and checked in one place (SPEC sections 6, 7, 9)."""
+"""LossConfig: the settings of a policy loss, written and checked in one place (docs/losses.md)."""
 import math
 import numbers
 from collections.abc import Callable

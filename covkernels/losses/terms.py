@@ -1,5 +1,5 @@
-"""The per-token policy losses and their metrics on checked inputs (SPEC sections 6, 7): PPO-clip, Clip-Cov,
-KL-Cov, the entropy bonus and AEnt's clamped-entropy bonus, as verl 0.9 computes them."""
+"""The per-token policy losses and their metrics on checked inputs (docs/losses.md#per-token-losses):
+PPO-clip, Clip-Cov, KL-Cov, the entropy bonus and AEnt's clamped-entropy bonus, as verl 0.9 computes them."""
 from typing import Any, NamedTuple
 
 import torch

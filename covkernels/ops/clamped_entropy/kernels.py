@@ -1,4 +1,5 @@
-"""Triton kernels of the clamped (AEnt) entropy, fused with the plain pass (SPEC section 6), and launchers.
+"""Triton kernels of the clamped (AEnt) entropy, fused with the plain pass
+(docs/aent.md#how-the-kernels-compute-it), and launchers.
 
 The kept set K of a row drops its k = floor(p V) smallest logits, equal logits by lowest index first. One
 program per row makes three kinds of passes over it, close together in time so that the later ones find

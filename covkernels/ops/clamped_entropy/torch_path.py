@@ -1,10 +1,11 @@
 """The clamped (AEnt) pass in plain PyTorch, a block of rows at a time; same interface as clamped_entropy.py.
 
-The kept set K of a row is the row without its k = floor(p V) smallest raw logits (SPEC section 6): a k-th
-smallest value per row (no sort), then the lowest-index ties. It is described as the Triton kernels describe
-it, by tau (the smallest kept value) and cut (the column of the first kept entry equal to tau: the entries
-equal to tau before it are removed), so the forward's `state` serves either backward. The sums over K are
-the plain pass's with the removed entries at -inf: the row max is always kept, so both share its reference.
+The kept set K of a row is the row without its k = floor(p V) smallest raw logits (docs/aent.md#the-kept-set):
+a k-th smallest value per row (no sort), then the lowest-index ties. It is described as the Triton kernels
+describe it, by tau (the smallest kept value) and cut (the column of the first kept entry equal to tau: the
+entries equal to tau before it are removed), so the forward's `state` serves either backward. The sums over K
+are the plain pass's with the removed entries at -inf: the row max is always kept, so both share its
+reference.
 """
 import torch
 

@@ -1,17 +1,18 @@
-"""Triton row math shared by every kernel that streams logits (SPEC sections 2-3), in base 2.
+"""Triton row math shared by every kernel that streams logits (docs/fused_pass.md), in base 2.
 
 With scale = log2(e) / T and m the running max of the RAW logits x, a row's reference is r = m * scale and
 each entry contributes u = x * scale - r, computed as ONE fused multiply-add: x * scale is never rounded on
-its own, so the temperature costs no accuracy (SPEC section 10: the rounding of x / T would be up to
-2^-24 |x / T|, the fma's is 2^-24 |u|, small where it matters), and e = 2^u is one MUFU.EX2. The sums
+its own, so the temperature costs no accuracy (docs/numerics.md#temperature: the rounding of x / T would be up
+to 2^-24 |x / T|, the fma's is 2^-24 |u|, small where it matters), and e = 2^u is one MUFU.EX2. The sums
 
     l = sum e,  s1 = sum e u,  q = sum e^2,  q1 = sum e^2 u
 
-are SPEC section 2's accumulators in base 2 (z - mx = u ln 2). A row's outputs and its backward need only
-(m, L = log2 l), the pair `lse2` that the forward keeps: log p_j = (fma(x_j, scale, -r) - L) ln 2 with
-r = fl(m * scale) recomputed, and no rounding of lse on the way (an fp32 lse of logits in the hundreds would
-shift every log p by ~1e-5). A row whose m * scale overflows fp32 (|logits| near 3e38 at T < 1.44) is "safe
-mode" instead: u = (x - m) * scale, two instructions an entry, chosen per row (MODE_SAFE).
+are the accumulators of docs/fused_pass.md#one-pass-the-accumulators in base 2 (z - mx = u ln 2). A row's
+outputs and its backward need only (m, L = log2 l), the pair `lse2` that the forward keeps: log p_j =
+(fma(x_j, scale, -r) - L) ln 2 with r = fl(m * scale) recomputed, and no rounding of lse on the way (an fp32
+lse of logits in the hundreds would shift every log p by ~1e-5). A row whose m * scale overflows fp32
+(|logits| near 3e38 at T < 1.44) is "safe mode" instead: u = (x - m) * scale, two instructions an entry,
+chosen per row (MODE_SAFE).
 
 Speed: the accumulators are per-element vectors, reduced once per row; the max is one scalar per block and
 the accumulators are rescaled only in the rare blocks where it rises (a uniform branch). Entries equal to
@@ -228,7 +229,8 @@ def finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr,
 
 @triton.jit
 def grad_coeffs(g_logp, g_ent, ent, inv_temp):
-    """(A, B) with dz_j = p_j (A + B w_j) + [j = t] g_logp / T, w_j = log2 p_j (SPEC section 3:
+    """(A, B) with dz_j = p_j (A + B w_j) + [j = t] g_logp / T, w_j = log2 p_j
+    (docs/fused_pass.md#the-gradient-in-coefficient-form:
     dz_j = (g_logp (delta_jt - p_j) - g_ent p_j (w_j ln 2 + H)) / T)."""
     return -(g_logp + g_ent * ent) * inv_temp, -g_ent * LN2 * inv_temp
 

@@ -4,8 +4,8 @@ PyTorch paths and the Triton kernels exchange partial sums (vocabulary shards) a
 A row's reference is r = fl32(m * scale) (m its max raw logit, scale = log2(e) / T rounded to fp32 by
 layout.scale_args, as a kernel's argument is, so that these products round as the kernels'); an entry's
 u = x * scale - r is formed as (x - m) * scale + (m * scale - r), the last term exact in float64, so that
-x * scale is never rounded on its own (SPEC section 10), as the kernels' fused multiply-add does. A row whose
-m * scale overflows is in safe mode: u = (x - m) * scale.
+x * scale is never rounded on its own (docs/numerics.md#temperature), as the kernels' fused multiply-add does.
+A row whose m * scale overflows is in safe mode: u = (x - m) * scale.
 """
 import torch
 
@@ -109,9 +109,10 @@ def finish(sums, x_t, scale, inv_temp, valid, bad):
 
 
 def grad(x, col_t, valid, lse2, ent, g_logp, g_ent, scale, inv_temp):
-    """dz [R, C] (x's accumulation dtype, SPEC section 3) of a block of rows x [R, C] from lse2 = (m, L) [2, R]:
-    p (A + B log2 p) + [j = col_t] g_logp / T, col_t the target's column in the block (outside [0, C): no
-    delta, as for a target another block or shard holds); 0 on rows not `valid`. Per-row arguments [R]."""
+    """dz [R, C] (x's accumulation dtype, docs/fused_pass.md#the-gradient) of a block of rows x [R, C] from
+    lse2 = (m, L) [2, R]: p (A + B log2 p) + [j = col_t] g_logp / T, col_t the target's column in the block
+    (outside [0, C): no delta, as for a target another block or shard holds); 0 on rows not `valid`. Per-row
+    arguments [R]."""
     x = x.to(acc_dtype(x.dtype))
     m, big_l = lse2
     w = torch.clamp(scaled(x, m, scale) - big_l[:, None], min=U_FLOOR)

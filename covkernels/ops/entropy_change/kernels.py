@@ -1,4 +1,5 @@
-"""Triton kernel of the entropy change under a logit update (SPEC section 4, last bullet), and its launcher.
+"""Triton kernel of the entropy change under a logit update (docs/entropy_dynamics.md#any-logit-update), and
+its launcher.
 
 One program per row reads logits_before and logits_after once each. In log2 units, with scale =
 log2(e) / T and the running max m of each tensor's raw row (reference r = m * scale), every element

@@ -1,4 +1,4 @@
-"""Triton kernels of the fused pass over logits (SPEC sections 2-3) and their host launchers.
+"""Triton kernels of the fused pass over logits (docs/fused_pass.md) and their host launchers.
 
 Forward: one read of each valid row gives lse, logp, entropy and (with STATS) sum p^2 and sum p^2 log p, in
 the base-2 form of rowmath.py. Backward: one more read of each valid row writes dz once, optionally into
@@ -203,7 +203,8 @@ def fused_fwd_partials(logits, targets, inv_temp, ignore_index, stats):
 
 def fused_bwd(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
               splits=None, check_target=True):
-    """Backward launcher: writes dz (SPEC section 3) into `out` ([..., V], logits' shape and dtype).
+    """Backward launcher: writes dz (docs/fused_pass.md#the-gradient) into `out` ([..., V], logits' shape and
+    dtype).
 
     `out` may be `logits` itself (in-place backward): each element is read before it is overwritten by
     the same thread. lse2 [2, ...] from the forward; grad_logp, grad_entropy: [...] upstream gradients.

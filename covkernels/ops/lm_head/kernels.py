@@ -1,9 +1,9 @@
-"""Triton kernels of the fused LM head (SPEC sections 2-3 on logits = hidden @ weight.T + bias) and their
-host launchers. The [N, V] logits never exist in memory.
+"""Triton kernels of the fused LM head (docs/lm_head.md: docs/fused_pass.md on logits = hidden @ weight.T +
+bias) and their host launchers. The [N, V] logits never exist in memory.
 
 Forward: each program owns a tile of BLOCK_N rows and one vocabulary split; it walks the split in
 [BLOCK_N, BLOCK_V] logit tiles, each a tl.dot over D kept in fp32 registers, folds every tile into the
-row accumulators of SPEC section 2 (mx, l, s1, q, q1 and the target logit) and stores them per split;
+row accumulators of docs/fused_pass.md (mx, l, s1, q, q1 and the target logit) and stores them per split;
 a small kernel combines the splits. Backward, one vocabulary chunk at a time: a kernel recomputes the
 logit tiles and writes the chunk's gradient dz [N, V_chunk] in hidden's dtype (as the unfused backward
 holds dlogits), then d_weight[chunk] = dz.T @ hidden (one matrix product, one rounding) and
@@ -183,8 +183,8 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
                       N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, scale, inv_temp, ignore_index,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
                       HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """dz of SPEC section 3 on columns [col_start, col_start + n_cols) into dz [N, n_cols] (row stride
-    stride_dzn), from recomputed logit tiles."""
+    """dz of docs/fused_pass.md#the-gradient on columns [col_start, col_start + n_cols) into dz [N, n_cols]
+    (row stride stride_dzn), from recomputed logit tiles."""
     tile_n, tile_v = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_v = tile_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)

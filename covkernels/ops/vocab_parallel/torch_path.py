@@ -34,7 +34,7 @@ def shard_targets(targets, vocab_start, V, ignore_index):
 
 
 def bwd_torch(logits, local_t, lse2, entropy, g_logp, g_ent, inv_temp, ignore_index):
-    """dz of one shard (SPEC section 3); local_t from shard_targets."""
+    """dz of one shard (docs/fused_pass.md#the-gradient); local_t from shard_targets."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     x = logits.reshape(-1, V)

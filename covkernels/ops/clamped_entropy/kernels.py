@@ -5,7 +5,7 @@ The kept set K of a row drops its k = floor(p V) smallest logits, equal logits b
 program per row makes three kinds of passes over it, close together in time so that the later ones find
 the row in L2:
 1. Radix select of tau, the (k+1)-th smallest logit, over order-preserving integer keys, 8 bits a pass
-   (bf16: 2 passes, fp16: 3, fp32: 4, fp64: 8), each a histogram of one digit; the first pass also finds
+   (bf16: 2 passes, fp16: 3, fp32: 4), each a histogram of one digit; the first pass also finds
    the row max. n_tie entries equal to tau are dropped (the first n_tie in column order).
 2. Only when n_tie > 0: a scan for `cut`, the column of the first KEPT entry equal to tau. Then an entry
    is kept iff x > tau, or x == tau at a column >= cut: in a block wholly before `cut` that is x >= tau+
@@ -20,94 +20,12 @@ import triton.language as tl
 
 from ..common.layout import new_outputs, read_in_pairs, row_layout, scale_args
 from ..common.rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, finish_row, grad_coeffs, load_halves,
-                      overflows, row_offset, scaled, softmax_grad)
+                              overflows, row_offset, scaled, softmax_grad)
+from .select import PASSES, find_cut, select_tau
 
 # Programs of several warps (few rows in flight at once, so a row is still in L2 at its later passes).
 _NUM_WARPS = 8
 _BLOCK_BYTES = 16384
-# 8-bit digits of the fp32 key: bf16 values fill its top 16 bits, fp16 values its top 19, fp32 all 32.
-_PASSES = {torch.bfloat16: 2, torch.float16: 3, torch.float32: 4}
-
-
-@triton.jit
-def _key(x):
-    """uint32 keys of fp32 entries x: a < b iff key(a) < key(b); -0.0 and +0.0 get the same key."""
-    bits = (x + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0
-    # Negative floats order backwards by their bits: flip all of them; positive ones: flip the sign bit.
-    return (bits ^ ((bits >> 31) | -(1 << 31))).to(tl.uint32, bitcast=True)
-
-
-@triton.jit
-def _float_of_key(key):
-    bits = key.to(tl.int32, bitcast=True)
-    return tl.where(bits < 0, bits ^ -(1 << 31), ~bits).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _histogram_block(x_row, start, V, prefix, shift, m, MASKED: tl.constexpr, FIRST: tl.constexpr,
-                     BLOCK_V: tl.constexpr, PAIRS: tl.constexpr):
-    """The histogram [512] of the next digit of the keys of one block (keys outside the prefix found so far
-    land in bins >= 256), and the running max (first pass only)."""
-    even, odd = load_halves(x_row, start, V, BLOCK_V, MASKED, PAIRS)
-    x = tl.reshape(tl.join(even, odd), [BLOCK_V])
-    if FIRST:
-        m = tl.maximum(m, tl.max(x, axis=0))
-    # Keys matching the prefix (its digits above `shift`) give a value < 256: the digit itself.
-    bins = tl.minimum((_key(x) ^ prefix) >> shift, 511).to(tl.int32)
-    if MASKED:
-        bins = tl.where(start + tl.arange(0, BLOCK_V) < V, bins, 511)
-    return tl.histogram(bins, 512), m
-
-
-@triton.jit
-def _select_tau(x_row, V, k, BLOCK_V: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr):
-    """(tau, n_tie, row max) of one row by radix select: the histogram of each digit of the keys that match
-    the digits found so far gives the next digit of tau's key."""
-    bins = tl.arange(0, 512)
-    k_rem = tl.full([], 0, tl.int64) + k
-    prefix = tl.full([], 0, tl.uint32)  # tau's key digits found so far
-    m = tl.full([], float("-inf"), tl.float32)
-    for p in tl.static_range(PASSES):
-        shift = 32 - 8 * (p + 1)
-        hist = tl.zeros([512], dtype=tl.int32)
-        start = 0
-        while start + BLOCK_V <= V:
-            h, m = _histogram_block(x_row, start, V, prefix, shift, m, False, p == 0, BLOCK_V, PAIRS)
-            hist += h
-            start += BLOCK_V
-        if start < V:
-            h, m = _histogram_block(x_row, start, V, prefix, shift, m, True, p == 0, BLOCK_V, PAIRS)
-            hist += h
-        hist = tl.where(bins < 256, hist, 0)
-        digit = tl.sum((tl.cumsum(hist, axis=0) <= k_rem).to(tl.int32), axis=0)
-        k_rem -= tl.sum(tl.where(bins < digit, hist, 0).to(tl.int64), axis=0)
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-    # Keys' bits below the passes are those of every entry (0 in the float's bits: 16-bit dtypes held in
-    # fp32); a negative float's key has them flipped to 1.
-    low: tl.constexpr = (1 << (32 - 8 * PASSES)) - 1
-    prefix = tl.where(prefix >> 31 == 0, prefix | low, prefix)
-    return _float_of_key(prefix), k_rem, m
-
-
-@triton.jit
-def _find_cut(x_row, V, tau, n_tie, BLOCK_V: tl.constexpr):
-    """The column of the first entry equal to tau past the first n_tie of them (0 when n_tie = 0)."""
-    offs = tl.arange(0, BLOCK_V)
-    cut = tl.full([], 0, tl.int32)
-    seen = tl.full([], 0, tl.int64)
-    start = tl.where(n_tie > 0, 0, V)
-    while start < V:
-        cols = start + offs
-        eq = (tl.load(x_row + cols, mask=cols < V, other=0.0).to(tl.float32) == tau) & (cols < V)
-        count = tl.sum(eq.to(tl.int64), axis=0)
-        if seen + count > n_tie:
-            rank = seen + tl.cumsum(eq.to(tl.int64), axis=0) - 1
-            cut = tl.min(tl.where(eq & (rank == n_tie), cols, V), axis=0)
-            start = V
-        else:
-            start += BLOCK_V
-        seen += count
-    return cut
 
 
 @triton.jit
@@ -196,8 +114,8 @@ def _fwd_clamped_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     n = tl.where(valid, V, 0)  # ignored rows: nothing is read
-    tau, n_tie, m = _select_tau(x_row, n, k, BLOCK_V, PAIRS, PASSES)
-    cut = _find_cut(x_row, n, tau, n_tie, BLOCK_V)
+    tau, n_tie, m = select_tau(x_row, n, k, BLOCK_V, PAIRS, PASSES)
+    cut = find_cut(x_row, n, tau, n_tie, BLOCK_V)
     l, s1, q, q1, lk, s1k = _kept_sums(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_FAST, STATS, PAIRS)
     poisoned = s1 + q1 + s1k
     # Read again in safe mode where m * scale overflows, clamped where a -inf entry met a zero weight.
@@ -344,7 +262,7 @@ def _kernel_args(logits, x, V, stride_outer, stride_inner):
     block = min(triton.next_power_of_2(max(V, 2)), _BLOCK_BYTES // logits.element_size())
     shared = dict(BLOCK_V=block, PAIRS=read_in_pairs(x, V, stride_outer, stride_inner),
                   num_warps=_NUM_WARPS)
-    return shared, dict(PASSES=_PASSES[logits.dtype])
+    return shared, dict(PASSES=PASSES[logits.dtype])
 
 
 def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):

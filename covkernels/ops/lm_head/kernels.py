@@ -17,60 +17,13 @@ import triton.language as tl
 from ..._validation import INTERPRETING
 from ..common.layout import new_outputs, scale_args
 from ..common.rowmath import U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
+from .tiles import GROUP_N, configs, dot_loop, grid2, mm_acc, tile_coords
+
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
 _MAX_CHUNK = 8192
 _BWD_CHUNK_ELEMS = 1 << 25
-# Vocabulary splits start on multiples of this (a multiple of every BLOCK_V below).
+# Vocabulary splits start on multiples of this (a multiple of every BLOCK_V in tiles.configs).
 _SPLIT_ALIGN = 256
-_GROUP_N = 8
-
-
-def _configs(names=("BLOCK_N", "BLOCK_V", "BLOCK_D"), **fixed):
-    """Tile configurations (rows, columns, depth of the product): one small one under the interpreter
-    (which cannot autotune), a few on a GPU."""
-    if INTERPRETING:
-        return [triton.Config(dict(zip(names, (16, 32, 16)), **fixed), num_warps=4)]
-    # Checked by compiling for sm_90 (cuobjdump -res-usage): 128x64 tiles never spill registers; the
-    # larger ones spill a little in some kernels' epilogues but do more work per byte. The autotuner decides.
-    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 8, 4), (64, 128, 64, 4, 4),
-              (128, 128, 64, 8, 4)]
-    return [triton.Config(dict(zip(names, (n, v, d)), **fixed), num_warps=w, num_stages=s)
-            for n, v, d, w, s in shapes]
-
-
-@triton.jit
-def _tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
-    # Programs that run at the same time cover GROUP_N row tiles x every column group, so the hidden
-    # and weight tiles they stream come from L2 rather than once per program from HBM.
-    per_group = GROUP_N * n_cols
-    first = (pid // per_group) * GROUP_N
-    rows = tl.minimum(n_tiles - first, GROUP_N)
-    local = pid % per_group
-    return first + local % rows, local // rows
-
-
-@triton.jit
-def _dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_UPCAST: tl.constexpr):
-    """sum over k of a[:, k] b[k, :] in fp32: a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_C] point at
-    the first depth block (a contiguous along k; b's k stride is b_step), and must address valid memory
-    in the other dims: only the depth is masked here, as 2-D masks in this loop make the compiler spill
-    registers, and the pointers are advanced rather than recomputed for the same reason."""
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if DOT_UPCAST:
-            # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * b_step
-    return acc
 
 
 @triton.jit
@@ -79,11 +32,11 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, BLOCK_
     """The logits hidden @ weight.T + bias (before the temperature) of one [BLOCK_N, BLOCK_V] tile, in fp32.
 
     rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
-    into the matrix and mask what it gives (see _dot_loop)."""
+    into the matrix and mask what it gives (see tiles.dot_loop)."""
     offs_d = tl.arange(0, BLOCK_D)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-    acc = _dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST)
+    acc = dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     return acc
@@ -113,13 +66,13 @@ def _add_tile(z, scale, m, l, s1, q, q1, STATS: tl.constexpr):
     return m_new, l, s1, q, q1
 
 
-@triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "V"])
+@triton.autotune(configs=configs(GROUP_N=GROUP_N), key=["D", "V"])
 @triton.jit
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn, stride_wv, chunk, n_split,
                        scale, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                        STATS: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    tile_n, split = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
+    tile_n, split = tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     t = tl.load(t_ptr + offs_n, mask=mask_n, other=ignore_index).to(tl.int64)
@@ -177,7 +130,7 @@ def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, 
                lse2_ptr, N, STATS)
 
 
-@triton.autotune(configs=_configs(GROUP_N=_GROUP_N), key=["D", "n_cols"])
+@triton.autotune(configs=configs(GROUP_N=GROUP_N), key=["D", "n_cols"])
 @triton.jit
 def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
                       N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, scale, inv_temp, ignore_index,
@@ -185,7 +138,7 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
                       HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
     """dz of docs/fused_pass.md#the-gradient on columns [col_start, col_start + n_cols) into dz [N, n_cols]
     (row stride stride_dzn), from recomputed logit tiles."""
-    tile_n, tile_v = _tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
+    tile_n, tile_v = tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     local_v = tile_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     offs_v = col_start + local_v
@@ -216,38 +169,6 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
     tl.store(dz_ptr + offs_n[:, None] * stride_dzn + local_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-# The kernel adds into c: the autotuner's trial runs must not (restore_value puts c and lo back).
-@triton.autotune(configs=_configs(("BLOCK_M", "BLOCK_C", "BLOCK_K"), GROUP_N=_GROUP_N), key=["C", "K"],
-                 restore_value=["c_ptr", "lo_ptr"])
-@triton.jit
-def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
-                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-                   SPLIT_LO: tl.constexpr, DOT_UPCAST: tl.constexpr):
-    """c [M, C] (contiguous) += a [M, K] @ b [K, C], the sum carried across calls in fp32-like precision.
-
-    With SPLIT_LO (bf16/fp16 c) the running sum is the pair c + lo, lo [M, C] in c's dtype holding the
-    rounding error of c: about 16 (bf16) or 22 (fp16) significant bits in 2 * M * C bytes more, where an
-    fp32 accumulator would take 4 * M * C, and a plain bf16 sum would round once per vocabulary chunk."""
-    tile_m, tile_c = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(C, BLOCK_C), GROUP_N)
-    offs_m = tile_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tile_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_k = tl.arange(0, BLOCK_K)
-    # The overhang wraps into the matrix (see _dot_loop); c is read after the loop (held across it, it
-    # would spill).
-    a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
-    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_c % C)[None, :]  # [BLOCK_K, BLOCK_C]
-    acc = _dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, DOT_UPCAST)
-    offs = offs_m[:, None] * C + offs_c[None, :]
-    mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
-    acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if SPLIT_LO:
-        acc += tl.load(lo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    hi = acc.to(c_ptr.dtype.element_ty)
-    tl.store(c_ptr + offs, hi, mask=mask)
-    if SPLIT_LO:
-        tl.store(lo_ptr + offs, (acc - hi.to(tl.float32)).to(lo_ptr.dtype.element_ty), mask=mask)
-
-
 def _operands(hidden, weight, bias):
     """(hidden as [N, D], weight, bias): the matrices with a contiguous last dim and the bias contiguous
     (each copied only if it is not); bias None is replaced by weight (never read: HAS_BIAS is off)."""
@@ -259,7 +180,7 @@ def _operands(hidden, weight, bias):
 
 def _num_splits(N, V, device, splits):
     """(vocabulary splits, columns per split): enough programs to fill the GPU twice over, and at
-    least 16 splits so that programs running together share weight tiles (see _tile_coords)."""
+    least 16 splits so that programs running together share weight tiles (see tiles.tile_coords)."""
     n_align = triton.cdiv(V, _SPLIT_ALIGN)
     if splits is None:
         splits = min(4, n_align)
@@ -297,11 +218,6 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     return outs
 
 
-def _grid2(rows, cols, row_block, col_block):
-    """Launch grid of a kernel with one program per (row tile, column tile), tiles set by the autotuner."""
-    return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
-
-
 def _bwd_chunk(N, V, chunk):
     if chunk is None:
         chunk = min(_MAX_CHUNK, max(_SPLIT_ALIGN, _BWD_CHUNK_ELEMS // max(N, 1) // _SPLIT_ALIGN * _SPLIT_ALIGN))
@@ -333,7 +249,7 @@ def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_ent
         nc = min(chunk, V - c0)
         dz = dz_buf[:, :nc]
         if N > 0:
-            _linear_dz_kernel[_grid2(N, nc, "BLOCK_N", "BLOCK_V")](
+            _linear_dz_kernel[grid2(N, nc, "BLOCK_N", "BLOCK_V")](
                 h, weight, b, t, lse2.reshape(2, -1), entropy.reshape(-1), g_logp, g_ent, dz,
                 N, V, D, c0, nc, h.stride(0), weight.stride(0), dz.stride(0), scale, inv_temp, ignore_index,
                 HAS_BIAS=bias is not None, **kw)
@@ -343,6 +259,5 @@ def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_ent
         if d_b is not None:
             d_b[c0:c0 + nc] = dz.sum(0, dtype=torch.float32)
         if d_h is not None and N > 0:
-            _mm_acc_kernel[_grid2(N, D, "BLOCK_M", "BLOCK_C")](dz, w_c, d_h, d_h_lo, N, D, nc, dz.stride(0),
-                                                                w_c.stride(0), SPLIT_LO=split_lo, **kw)
+            mm_acc(dz, w_c, d_h, d_h_lo, split_lo)
     return None if d_h is None else d_h.view(hidden.shape), d_w, d_b

@@ -1,6 +1,6 @@
 """The fused LM head in plain PyTorch, for CPU tensors without the interpreter (and fp64).
 
-Same interface and outputs as the launchers in linear_pass.py. The logits exist one block of at most
+Same interface and outputs as the launchers in kernels.py. The logits exist one block of at most
 layout.CHUNK_ELEMS elements at a time (rows x vocabulary columns): the forward folds each block's base-2 row sums
 (rowmath_torch.py) into the rows' running sums, as the vocabulary-parallel path folds shards; the backward
 recomputes each block and takes the fused pass's gradient of it. Big blocks run through torch.compile.
@@ -30,7 +30,7 @@ def _logits(h_rows, weight, bias, c0, c1, acc):
 
 
 def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stats):
-    """Chunked PyTorch forward; see linear_pass.linear_fwd."""
+    """Chunked PyTorch forward; see kernels.linear_fwd."""
     D, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, D)
     N = h.shape[0]
@@ -63,7 +63,7 @@ def linear_fwd_torch(hidden, weight, bias, targets, inv_temp, ignore_index, stat
 
 def linear_bwd_torch(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp,
                      ignore_index, needs=(True, True, True)):
-    """Chunked PyTorch backward; see linear_pass.linear_bwd."""
+    """Chunked PyTorch backward; see kernels.linear_bwd."""
     D, V = hidden.shape[-1], weight.shape[0]
     h = hidden.reshape(-1, D)
     N = h.shape[0]

@@ -94,11 +94,12 @@ def test_references_in_the_code_base_resolve():
     assert not problems, "; ".join(problems)
 
 
-def test_pages_cite_nothing_outside_the_repository():
-    """The pages replace an external specification and name no issue tracker."""
-    for page in PAGES:
-        text = page.read_text(encoding="utf-8")
-        assert not re.search(r"\bSPEC\b|\bissues? #?\d+", text), f"{page.name} cites outside the repository"
+def test_nothing_cites_outside_the_repository():
+    """The pages replace an external specification: neither they nor the code base cite it or an issue
+    tracker's numbers."""
+    for path in PAGES + SOURCES:
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\bSPEC\b|\b[Ii]ssues? #?\d+", text), f"{path.name} cites outside the repository"
 
 
 @pytest.mark.parametrize("heading, anchor", [

@@ -44,7 +44,7 @@ def _kept_sums(x, k, scale):
 
 
 def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):
-    """Chunked forward; see clamped_entropy.clamped_fwd."""
+    """Chunked forward; see kernels.clamped_fwd."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     k = int(clamp_fraction * V)
@@ -70,7 +70,7 @@ def clamped_fwd_torch(logits, targets, inv_temp, ignore_index, clamp_fraction, s
 
 def clamped_bwd_torch(logits, targets, lse2, entropy, clamped_entropy, state, grad_logp, grad_entropy, grad_clamped,
                       inv_temp, ignore_index, out):
-    """Chunked backward; see clamped_entropy.clamped_bwd. `out` may be `logits` itself. The clamped term is
+    """Chunked backward; see kernels.clamped_bwd. `out` may be `logits` itself. The clamped term is
     the fused gradient of an entropy over K: -g p~ (log p~ + H~) / T there, 0 elsewhere (p~ = 0)."""
     acc = acc_dtype(logits.dtype)
     scale, inv_t = scale_args(inv_temp, logits.dtype)

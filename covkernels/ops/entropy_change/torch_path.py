@@ -25,7 +25,7 @@ def _max(x):
 
 
 def entropy_change_fwd_torch(logits_before, logits_after, row_mask, temperature):
-    """(predicted, actual), each [...] in fp32 (fp64 for fp64 logits); see entropy_change_fwd."""
+    """(predicted, actual), each [...] in fp32 (fp64 for fp64 logits); see kernels.entropy_change_fwd."""
     acc = torch.float64 if logits_before.dtype == torch.float64 else torch.float32
     lead = logits_before.shape[:-1]
     predicted = torch.empty(lead, dtype=acc, device=logits_before.device)

@@ -1,6 +1,6 @@
 """The fused pass in plain PyTorch, a block of rows at a time, for CPU tensors without the interpreter (and fp64).
 
-Same interface and outputs as the Triton launchers in fused_pass.py, and the same row math (rowmath_torch.py:
+Same interface and outputs as the Triton launchers in kernels.py, and the same row math (rowmath_torch.py:
 base-2 sums relative to each row's max, lse2 = (m, L)), so the temperature and large logits cost no
 accuracy and either path's lse2 serves the other's backward. Logits of at least compiled.MIN_ELEMS elements
 run through torch.compile (one fused loop per row, no [N, V] temporaries); smaller ones eagerly, in blocks of
@@ -41,7 +41,7 @@ def target_masks(targets, V, ignore_index):
 
 
 def fused_fwd_torch(logits, targets, inv_temp, ignore_index, stats):
-    """Chunked PyTorch forward; see fused_pass.fused_fwd."""
+    """Chunked PyTorch forward; see kernels.fused_fwd."""
     V = logits.shape[-1]
     acc = acc_dtype(logits.dtype)
     scale, inv_temp = scale_args(inv_temp, logits.dtype)
@@ -70,7 +70,7 @@ def _grad_in_place(x, *args):
 
 def fused_bwd_torch(logits, targets, lse2, entropy, grad_logp, grad_entropy, inv_temp, ignore_index, out,
                     extra_grad=None):
-    """Chunked PyTorch backward; see fused_pass.fused_bwd. `out` may be `logits` itself.
+    """Chunked PyTorch backward; see kernels.fused_bwd. `out` may be `logits` itself.
 
     extra_grad(rows, x) -> [rows, V] in the accumulation dtype, if given, is added to each block's gradient
     (x is read before the block is overwritten, so this works in place too)."""

@@ -4,6 +4,7 @@ import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 from hypothesis import HealthCheck, settings
 
 # Bounded in CI; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs every property test 600 times, 2,400 cases.
@@ -48,3 +49,12 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--runslow"):
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    """A gloo group of this process alone: the vocabulary-parallel ops with one shard of the whole row."""
+    path = tmp_path_factory.mktemp("one_rank") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()

@@ -5,7 +5,6 @@ of bounds.
 """
 import pytest
 import torch
-import torch.distributed as dist
 
 import covkernels as ck
 import python_ref as ref
@@ -117,15 +116,6 @@ def test_lm_head_path(dtype, impl):
     d_h, d_h64 = grads(s, h), grads(want, h64)
     assert d_h[BAD_ROWS].isnan().all()
     assert max_err(d_h[KEEP], d_h64[KEEP]) < tol * (1 + d_h64[KEEP].abs().max().item())
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A gloo group of this process alone: the vocabulary-parallel op with one shard of the whole row."""
-    path = tmp_path_factory.mktemp("one_rank_bad_target") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("impl", VOCAB_IMPLS)

@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import covkernels as ck
 from covkernels.distributed import CovSelection, vocab_parallel_logprobs_and_entropy, vocab_parallel_token_stats
@@ -154,15 +153,6 @@ def test_triton_partials_and_shard_backward_match_torch(dtype):
         want = vpt.bwd_torch(x, local_t, lse2, ent, g_logp, g_ent, 0.7, -100)
         ulp = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
         assert max_err(got, want) <= ulp * (1 + want.abs().max().item())
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A gloo group of this process alone."""
-    path = tmp_path_factory.mktemp("one_rank") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])

@@ -3,7 +3,6 @@ temperatures that are not powers of two, the error against float64 stays within 
 plain PyTorch's x / T, forward and backward. A temperature fp32 cannot apply is a ValueError naming it."""
 import pytest
 import torch
-import torch.distributed as dist
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -23,15 +22,6 @@ UNFUSED = None if torch.cuda.is_available() or interpreter_fuses_fma() else (
 def _skip_unfused(impl):
     if impl == "triton" and UNFUSED:
         pytest.skip(UNFUSED)
-
-
-@pytest.fixture(scope="module")
-def one_rank(tmp_path_factory):
-    """A gloo group of this process alone (the vocabulary-parallel path with one shard)."""
-    path = tmp_path_factory.mktemp("one_rank") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    yield dist.group.WORLD
-    dist.destroy_process_group()
 
 
 def _logits(n, V, scale, seed, dtype=torch.float32):

@@ -195,6 +195,21 @@ def merge_sums(m, l, s1, q, q1, scale, STATS: tl.constexpr):
 
 
 @triton.jit
+def merge_partials(part_ptr, row, n_rows, n_split, scale, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
+    """merge_sums of the n_split partial sums of one row that a split forward stored at part_ptr, planes
+    (m, l, s1, q, q1) [5, n_rows, n_split] (planes past the fifth are the caller's)."""
+    offs_s = tl.arange(0, BLOCK_S)
+    mask_s = offs_s < n_split
+    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
+    plane = n_rows * n_split
+    return merge_sums(tl.load(part, mask=mask_s, other=float("-inf")),
+                      tl.load(part + plane, mask=mask_s, other=0.0),
+                      tl.load(part + 2 * plane, mask=mask_s, other=0.0),
+                      tl.load(part + 3 * plane, mask=mask_s, other=0.0),
+                      tl.load(part + 4 * plane, mask=mask_s, other=0.0), scale, STATS)
+
+
+@triton.jit
 def finish_row(row, valid, bad, x_t, m, l, s1, q, q1, scale, inv_temp, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr,
                lse2_ptr, n_rows, STATS: tl.constexpr):
     """Stores one row's outputs (nats) from its base-2 sums relative to the reference of its max m: logp, entropy,

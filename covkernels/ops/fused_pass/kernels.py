@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from ..common.layout import new_outputs, num_splits, pick_block, read_in_pairs, row_layout, scale_args
-from ..common.rowmath import (finish_row, grad_coeffs, load_halves, merge_sums, overflows, row_offset, row_sums_safe,
-                      softmax_grad)
+from ..common.rowmath import (finish_row, grad_coeffs, load_halves, merge_partials, overflows, row_offset,
+                              row_sums_safe, softmax_grad)
 
 
 @triton.jit
@@ -61,15 +61,7 @@ def _combine_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, ls
                     N, V, inner, stride_outer, stride_inner, n_split, scale, inv_temp, ignore_index,
                     BLOCK_S: tl.constexpr, STATS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < n_split
-    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
-    plane = N * n_split
-    m, l, s1, q, q1 = merge_sums(tl.load(part, mask=mask_s, other=float("-inf")),
-                                 tl.load(part + plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 2 * plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 3 * plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 4 * plane, mask=mask_s, other=0.0), scale, STATS)
+    m, l, s1, q, q1 = merge_partials(part_ptr, row, N, n_split, scale, BLOCK_S, STATS)
     t = tl.load(t_ptr + row).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
     _finish(x_row, row, t, t != ignore_index, V, scale, inv_temp, m, l, s1, q, q1, logp_ptr, ent_ptr, lse_ptr, s2_ptr,

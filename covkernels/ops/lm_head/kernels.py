@@ -16,7 +16,8 @@ import triton.language as tl
 
 from ..._validation import INTERPRETING
 from ..common.layout import new_outputs, scale_args
-from ..common.rowmath import U_FLOOR, finish_row, grad_coeffs, merge_sums, overflows, rescale, softmax_grad
+from ..common.rowmath import (U_FLOOR, finish_row, grad_coeffs, merge_partials, overflows, rescale,
+                              softmax_grad)
 from .tiles import GROUP_N, configs, dot_loop, grid2, mm_acc, tile_coords
 
 # Backward chunk: at most this many vocabulary columns, and N * chunk <= _BWD_CHUNK_ELEMS elements.
@@ -112,16 +113,11 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
 def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, N, V, n_split,
                            scale, inv_temp, ignore_index, BLOCK_S: tl.constexpr, STATS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    m, l, s1, q, q1 = merge_partials(part_ptr, row, N, n_split, scale, BLOCK_S, STATS)
+    # Plane 5: each split's target logit (0 where the split does not hold the target).
     offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < n_split
-    part = part_ptr + row * n_split + offs_s  # [BLOCK_S]
-    plane = N * n_split
-    m, l, s1, q, q1 = merge_sums(tl.load(part, mask=mask_s, other=float("-inf")),
-                                 tl.load(part + plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 2 * plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 3 * plane, mask=mask_s, other=0.0),
-                                 tl.load(part + 4 * plane, mask=mask_s, other=0.0), scale, STATS)
-    x_t = tl.sum(tl.load(part + 5 * plane, mask=mask_s, other=0.0), axis=0)
+    x_t = tl.sum(tl.load(part_ptr + (5 * N + row) * n_split + offs_s, mask=offs_s < n_split, other=0.0),
+                 axis=0)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     # A target outside [0, V) (validate=False) matched no column: its row gives NaN, never a number.

@@ -19,9 +19,9 @@ from . import cases as C
 from .cases import IGNORE_INDEX
 
 OPS = ("linear_fwd", "linear_fwd_bwd")
-TARGET_SHAPE = (16384, 4096, 151936)  # N, D, V of issue 10's targets (a Qwen-sized vocabulary)
+TARGET_SHAPE = (16384, 4096, 151936)  # N, D, V of the fused head's targets (a Qwen-sized vocabulary)
 PAD = 1 / 3  # padded cases: a third of the targets are ignore_index
-# Issue 10's targets for the fused head at TARGET_SHAPE in bf16: fraction of torch's matrix-product
+# The fused head's targets at TARGET_SHAPE in bf16: fraction of torch's matrix-product
 # throughput (same run) per op, and peak extra memory as a fraction of the logits' size.
 TARGET_FRAC_MATMUL = {"linear_fwd": 0.70, "linear_fwd_bwd": 0.60}
 TARGET_PEAK_FRAC_LOGITS = 0.05

@@ -3,7 +3,7 @@ tensor gets without the interpreter) against plain PyTorch in eager mode (python
 TRL's torch functions (selective_log_softmax + entropy_from_logits) and torch.compile of the plain version.
 
 Cases (ops cpu_fwd, cpu_fwd_bwd): N = 1024 x V = 32000 in fp32 and bf16, forward and forward + backward
-(issue 17's target: covkernels within TARGET_RATIO x torch.compile's time), and N = 512 x V = 151936 bf16
+(the target: covkernels within TARGET_RATIO x torch.compile's time), and N = 512 x V = 151936 bf16
 forward for memory (target: peak extra memory at most TARGET_PEAK_FRAC_LOGITS x the logits). Each provider
 is checked against python_ref in float64 (bench/check.py) by its first call, which is timed on its own
 (torch.compile compiles there); then WARMUP and REPS rounds of one call per provider (time.perf_counter,

@@ -92,7 +92,7 @@ def linear_table(rows):
 
 
 def linear_targets(rows, provider="covkernels_linear"):
-    """One line per unpadded bf16 case at issue 10's target shape: the provider's fraction of torch_matmul
+    """One line per unpadded bf16 case at the LM head's target shape: the provider's fraction of torch_matmul
     and peak extra memory against the targets (cases_linear.TARGET_*), each "met", "MISSED" or "n/a"."""
     from .cases_linear import TARGET_FRAC_MATMUL, TARGET_PEAK_FRAC_LOGITS, TARGET_SHAPE
 

@@ -80,7 +80,8 @@ def main(argv=None):
     mode = "tiny" if args.tiny or not on_gpu else mode
     ops = args.ops.split(",") if args.ops else [op for f in registry.FAMILIES if registry.runs_unasked(f, on_gpu)
                                                 for op in f.ops]
-    todo = [(f, c) for f in registry.FAMILIES for c in f.cases(mode, ops) if not args.cases or args.cases in c.name]
+    todo = [(f, c) for f in registry.FAMILIES for c in f.cases(mode, ops)
+            if not args.cases or args.cases in c.name]
     chosen = registry.select(args.providers.split(",") if args.providers else None)
     # Tiny shapes on a GPU get their own file, so they never overwrite a device's real numbers.
     stem = env.slug(env.device_name()) + ("-tiny" if mode == "tiny" else "")

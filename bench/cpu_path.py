@@ -18,9 +18,9 @@ import torch
 
 from . import cases as C
 from . import env, report
-from .family import Family
 from .logprobs import COMPILED_REF, PYTHON_REF, TRL, Logprobs
 from .providers import Provider
+from .report import megabytes, note, num, verdict
 
 OPS = ("cpu_fwd", "cpu_fwd_bwd")
 SPEED_SHAPE = (1024, 32000)
@@ -63,30 +63,29 @@ class CpuPath(Logprobs):
                           note="impl='torch': the chunked PyTorch path"), PYTHON_REF, TRL, COMPILED_REF)
     printed = (("CPU path", "cpu"),)
     conventions = {
-        "cpu": "CPU-path rows (op cpu_fwd, cpu_fwd_bwd; bench/cpu_path.py): CPU figures, on CPU tensors without "
-               "the interpreter, inputs as above (no padding, temperature 1); first call ms = the checking call "
-               "(torch.compile compiles there); median of 7 calls after 1 more, the providers taking turns; "
-               "x compile = median / compiled_ref's median in the same case; peak extra = resident-set high-water "
-               "mark during one call - resident set before it (malloc_trim first), outputs and gradient included; "
-               "of logits = that / (N V e)"}
+        "cpu": "CPU-path rows (op cpu_fwd, cpu_fwd_bwd; bench/cpu_path.py): CPU figures, on CPU tensors "
+               "without the interpreter, inputs as above (no padding, temperature 1); first call ms = the "
+               "checking call (torch.compile compiles there); median of 7 calls after 1 more, the providers "
+               "taking turns; x compile = median / compiled_ref's median in the same case; peak extra = "
+               "resident-set high-water mark during one call - resident set before it (malloc_trim first), "
+               "outputs and gradient included; of logits = that / (N V e)"}
 
     def all_cases(self, mode):
         speed = [CpuCase(op, *SPEED_SHAPE, dtype) for dtype in ("fp32", "bf16") for op in OPS]
         return speed + [CpuCase("cpu_fwd", *MEMORY_CASE)]
 
     def heading(self):
-        return report.banner(f"CPU FIGURES ({env.cpu_name()}, {torch.get_num_threads()} threads): covkernels' "
-                             "chunked PyTorch path, not the Triton kernels")
+        return report.banner(f"CPU FIGURES ({env.cpu_name()}, {torch.get_num_threads()} threads): "
+                             "covkernels' chunked PyTorch path, not the Triton kernels")
 
     def table(self, rows):
         ratios = _ratios(rows)
 
         def fmt(r):
             frac = r["peak_extra_frac_logits"]
-            return (r["case"], r["provider"], report.num(r["max_err"], ".1e"), report.num(r["first_call_ms"], ".0f"),
-                    report.num(r["median_ms"], ".1f"), report.num(ratios.get((r["case"], r["provider"])), ".2f"),
-                    report.megabytes(r["peak_extra_bytes"]), "-" if frac is None else f"{100 * frac:.1f}%",
-                    report.note(r))
+            return (r["case"], r["provider"], num(r["max_err"], ".1e"), num(r["first_call_ms"], ".0f"),
+                    num(r["median_ms"], ".1f"), num(ratios.get((r["case"], r["provider"])), ".2f"),
+                    megabytes(r["peak_extra_bytes"]), "-" if frac is None else f"{100 * frac:.1f}%", note(r))
 
         columns = ("case", "provider", "max err", "first call ms", "median ms", "x compile", "peak extra MB",
                    "of logits", "note")
@@ -104,12 +103,12 @@ class CpuPath(Logprobs):
                 value = "-" if frac is None else f"{100 * frac:.1f}%"
                 lines.append(f"target {r['case']}: {provider} peak extra {value} of the logits (<= "
                              f"{100 * TARGET_PEAK_FRAC_LOGITS:.0f}%: "
-                             f"{report.verdict(frac, frac is not None and frac <= TARGET_PEAK_FRAC_LOGITS)})")
+                             f"{verdict(frac, frac is not None and frac <= TARGET_PEAK_FRAC_LOGITS)})")
             else:
                 ratio = ratios.get((r["case"], provider))
-                lines.append(f"target {r['case']}: {provider} at {'-' if ratio is None else f'{ratio:.2f}'} x "
-                             f"torch.compile's time (<= {TARGET_RATIO} x: "
-                             f"{report.verdict(ratio, ratio is not None and ratio <= TARGET_RATIO)})")
+                value = "-" if ratio is None else f"{ratio:.2f}"
+                lines.append(f"target {r['case']}: {provider} at {value} x torch.compile's time (<= {TARGET_RATIO} "
+                             f"x: {verdict(ratio, ratio is not None and ratio <= TARGET_RATIO)})")
         return lines
 
 

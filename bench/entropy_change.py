@@ -66,9 +66,9 @@ class EntropyChange(Family):
     printed = (("entropy change", "entropy_change"),)
     conventions = {
         "entropy_change": "entropy-change rows (op entropy_change): inputs as above for the logits before "
-                          f"the update, after = (1 + {STEP}) before + {3 * STEP:g} N(0, 1), the valid positions "
-                          "as the row mask; bytes = both logits' valid rows + the row mask + the two fp32 "
-                          "outputs; errors: predicted and actual at the checked rows"}
+                          f"the update, after = (1 + {STEP}) before + {3 * STEP:g} N(0, 1), the valid "
+                          "positions as the row mask; bytes = both logits' valid rows + the row mask + the two "
+                          "fp32 outputs; errors: predicted and actual at the checked rows"}
     providers = (
         Provider("covkernels", "ours", _covkernels, computes=("predicted", "actual")),
         Provider("python_ref", "reference", _python_ref, computes=("predicted", "actual"),

@@ -19,7 +19,8 @@ class Family:
     providers = ()
     in_main_job = True  # `python -m bench` runs it unless --ops says otherwise
     # CPU figures: CPU tensors and PyTorch paths, never the interpreter; run unasked only without a GPU,
-    # torch.compile included, the providers timed in turns (TURNS: rounds of warm-up, then of timed calls).
+    # torch.compile included, the providers timed in turns (the family's TURNS: rounds of warm-up, then of
+    # timed calls).
     cpu_figures = False
     printed = ()  # (label, key of bench.registry.CONVENTIONS) printed under its table
     conventions = {}  # its own entries of the results file's conventions
@@ -33,8 +34,8 @@ class Family:
         return [c for c in self.all_cases(mode) if ops is None or c.op in ops]
 
     def all_cases(self, mode):
-        """Every case of a run. mode: "tiny" (the interpreter: seconds on a CPU), "quick" (one realistic shape,
-        for a GPU session with little time), "default" or "full" (bench/cases.py's shapes)."""
+        """Every case of a run. mode: "tiny" (the interpreter: seconds on a CPU), "quick" (one realistic
+        shape, for a GPU session with little time), "default" or "full" (bench/cases.py's shapes)."""
         raise NotImplementedError
 
     def make_inputs(self, case, device, seed):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from . import cases as C
 from . import check, report
+from .report import megabytes, note, num, pct, verdict
 from .cases import IGNORE_INDEX
 from .family import Family
 from .lm_head_providers import PROVIDERS
@@ -152,15 +153,16 @@ class LmHead(Family):
     providers = PROVIDERS
     printed = (("LM head", "linear"),)
     conventions = {
-        "linear": "LM-head rows (op linear_fwd, linear_fwd_bwd; case N x D x V): hidden [B, T, D] = N(0, 1), weight "
-                  "[V, D] = N(0, 9 / D), no bias, temperature 1; padded cases: a third of the targets ignore_index. "
-                  "flops = 2 N D V (forward: h @ W.T) or 6 N D V (+ dz @ W, dz.T @ h), all N rows, the same for "
-                  "every provider; tflops = flops / median time; frac_matmul = torch_matmul's median time / this "
-                  "provider's, the same run; peak_extra_bytes = max_memory_allocated during one call - memory "
-                  "allocated before it - required_bytes (fp32 logp and entropy, and d_hidden + d_weight in the "
-                  "input dtype in the backward); peak_extra_frac_logits = that / (N V e), the logits' size; "
-                  "errors: logp, entropy and d_hidden at the checked rows, d_weight at the checked vocabulary "
-                  "entries, against float64 (torch_matmul: its logits)"}
+        "linear": "LM-head rows (op linear_fwd, linear_fwd_bwd; case N x D x V): hidden [B, T, D] = N(0, 1), "
+                  "weight [V, D] = N(0, 9 / D), no bias, temperature 1; padded cases: a third of the targets "
+                  "ignore_index. flops = 2 N D V (forward: h @ W.T) or 6 N D V (+ dz @ W, dz.T @ h), all N "
+                  "rows, the same for every provider; tflops = flops / median time; frac_matmul = "
+                  "torch_matmul's median time / this provider's, the same run; peak_extra_bytes = "
+                  "max_memory_allocated during one call - memory allocated before it - required_bytes (fp32 "
+                  "logp and entropy, and d_hidden + d_weight in the input dtype in the backward); "
+                  "peak_extra_frac_logits = that / (N V e), the logits' size; errors: logp, entropy and "
+                  "d_hidden at the checked rows, d_weight at the checked vocabulary entries, against float64 "
+                  "(torch_matmul: its logits)"}
 
     def all_cases(self, mode):
         """"tiny" (not powers of two, V not a multiple of any block), "quick" (the target shape, then its
@@ -215,7 +217,8 @@ class LmHead(Family):
 
     def finish_row(self, row, rows):
         """frac_matmul: the baseline's median time over this row's (the baseline runs first)."""
-        base = next((r["median_ms"] for r in [*rows, row] if r["kind"] == "baseline" and r["median_ms"]), None)
+        times = [r["median_ms"] for r in [*rows, row] if r["kind"] == "baseline" and r["median_ms"]]
+        base = times[0] if times else None
         if base and row["median_ms"]:
             row["frac_matmul"] = base / row["median_ms"]
 
@@ -223,10 +226,9 @@ class LmHead(Family):
         """TFLOP/s, fraction of torch_matmul, peak extra memory and its fraction of the logits' size instead
         of bytes moved."""
         def fmt(row):
-            return (row["case"], row["provider"], report.num(row["max_err"], ".1e"),
-                    report.num(row["median_ms"], ".3f"), report.num(row["tflops"], report.rate_format(row["tflops"])),
-                    report.pct(row["frac_matmul"]), report.megabytes(row["peak_extra_bytes"]),
-                    report.pct(row["peak_extra_frac_logits"]), report.note(row))
+            return (row["case"], row["provider"], num(row["max_err"], ".1e"), num(row["median_ms"], ".3f"),
+                    num(row["tflops"], report.rate_format(row["tflops"])), pct(row["frac_matmul"]),
+                    megabytes(row["peak_extra_bytes"]), pct(row["peak_extra_frac_logits"]), note(row))
 
         columns = ("case", "provider", "max err", "median ms", "TFLOP/s", "of torch mm", "peak extra MB",
                    "of logits", "note")
@@ -242,12 +244,12 @@ class LmHead(Family):
                 continue
             frac, mem = r["frac_matmul"], r["peak_extra_frac_logits"]
             want = TARGET_FRAC_MATMUL[r["op"]]
-            lines.append(f"target {r['case']}: {provider} at "
-                         f"{'-' if frac is None else f'{100 * frac:.0f}%'} of torch mm (>= {100 * want:.0f}%: "
-                         f"{report.verdict(frac, frac is not None and frac >= want)}), peak extra "
-                         f"{'-' if mem is None else f'{100 * mem:.1f}%'} of the logits (< "
-                         f"{100 * TARGET_PEAK_FRAC_LOGITS:.0f}%: "
-                         f"{report.verdict(mem, mem is not None and mem < TARGET_PEAK_FRAC_LOGITS)}); {r['status']}")
+            frac_text = "-" if frac is None else f"{100 * frac:.0f}%"
+            mem_text = "-" if mem is None else f"{100 * mem:.1f}%"
+            lines.append(f"target {r['case']}: {provider} at {frac_text} of torch mm (>= {100 * want:.0f}%: "
+                         f"{verdict(frac, frac is not None and frac >= want)}), peak extra {mem_text} of the "
+                         f"logits (< {100 * TARGET_PEAK_FRAC_LOGITS:.0f}%: "
+                         f"{verdict(mem, mem is not None and mem < TARGET_PEAK_FRAC_LOGITS)}); {r['status']}")
         return lines
 
 

@@ -1,5 +1,5 @@
-"""Who computes an LM-head case (bench/lm_head.py): torch's matrix products (the throughput baseline), the unfused path,
-covkernels' fused head, the reference, and the peers' fused linear cross-entropies.
+"""Who computes an LM-head case (bench/lm_head.py): torch's matrix products (the throughput baseline), the
+unfused path, covkernels' fused head, the reference, and the peers' fused linear cross-entropies.
 
 Each provider but the baseline is a function f(hidden [B, T, D], weight [V, D], targets [B, T]) -> (logp,
 entropy) of targets' shape, 0 on padded rows, or (logp, None) for a peer without entropy; the runner

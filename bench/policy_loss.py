@@ -143,8 +143,8 @@ class PolicyLoss(Family):
     )
 
     def all_cases(self, mode):
-        return [PolicyCase("policy_loss", N, V, dtype, pad, method) for N, V, dtype, pad in C.shapes(mode, heavy=True)
-                if pad for method in METHODS]
+        return [PolicyCase("policy_loss", N, V, dtype, pad, method)
+                for N, V, dtype, pad in C.shapes(mode, heavy=True) if pad for method in METHODS]
 
     def make_inputs(self, case, device, seed):
         return make_policy_inputs(case, device, seed)

@@ -42,7 +42,9 @@ def rate_format(x):
 def note(row):
     """The row's note, or what went wrong (a wrong provider is not timed)."""
     status = row["status"]
-    return row["note"] if status == "ok" else f"WRONG (not timed) {row['note']}" if status == "wrong" else status
+    if status == "wrong":
+        return f"WRONG (not timed) {row['note']}"
+    return row["note"] if status == "ok" else status
 
 
 def verdict(value, ok):
@@ -56,7 +58,8 @@ def _fmt(row):
             megabytes(row["peak_extra_bytes"]), note(row))
 
 
-_COLUMNS = ("case", "provider", "max err", "median ms", "MB moved", "GB/s", "of copy", "peak extra MB", "note")
+_COLUMNS = ("case", "provider", "max err", "median ms", "MB moved", "GB/s", "of copy", "peak extra MB",
+            "note")
 
 
 def table(rows, columns=_COLUMNS, fmt=_fmt):

@@ -37,10 +37,10 @@ def free():
 def new_row(case, provider, copy_gbps, **values):
     """A row of the schema above, not yet measured, with `values` filled in."""
     row = {"case": case.name, "op": case.op, **case.fields(provider.computes), "provider": provider.name,
-           "kind": provider.kind, "computes": "+".join(provider.computes), "note": provider.note, "status": "ok",
-           "errors": {}, "max_err": None, "first_call_ms": None, "median_ms": None, "min_ms": None, "reps": None,
-           "times_ms": [], "gbps": None, "frac_copy": None, "copy_gbps": copy_gbps, "peak_extra_bytes": None,
-           "peak_extra_frac_logits": None, "input_sets": None}
+           "kind": provider.kind, "computes": "+".join(provider.computes), "note": provider.note,
+           "status": "ok", "errors": {}, "max_err": None, "first_call_ms": None, "median_ms": None,
+           "min_ms": None, "reps": None, "times_ms": [], "gbps": None, "frac_copy": None, "copy_gbps": copy_gbps,
+           "peak_extra_bytes": None, "peak_extra_frac_logits": None, "input_sets": None}
     row.update(values)
     return row
 
@@ -90,7 +90,9 @@ def check_provider(family, case, provider, fn, prepared, copy_gbps):
     """(row, run): the provider's checking call, timed on its own, and its outputs against the reference;
     run (f(i), one call on input set i) is None unless it passed."""
     inputs, ref_out, where = prepared
-    row = new_row(case, provider, copy_gbps, input_sets=inputs.n_sets, note=getattr(fn, "note", provider.note))
+    # A provider that finds out what it runs when it loads says so in its function's note.
+    row = new_row(case, provider, copy_gbps, input_sets=inputs.n_sets,
+                  note=getattr(fn, "note", provider.note))
     run = inputs.runner(provider, fn)
     try:
         t0 = time.perf_counter()

@@ -48,7 +48,8 @@ def test_family(benchmark, family, case, provider, copy_gbps, pytestconfig):
 
 
 def _check_and_time(benchmark, family, case, provider, fn, prepared, copy_gbps, on_gpu):
-    row, run = runner.check_provider(family, case, provider, fn, prepared, None if family.cpu_figures else copy_gbps)
+    copy_gbps = None if family.cpu_figures else copy_gbps
+    row, run = runner.check_provider(family, case, provider, fn, prepared, copy_gbps)
     if row["status"] == "oom":
         raise torch.cuda.OutOfMemoryError(row["status"])
     if run is None:

@@ -53,9 +53,10 @@ def error_and_bound(out, ref64, ref_lowp, dtype, kind):
 
 
 def assert_close_to_ref(out, ref64, ref_lowp, dtype, kind, name=""):
-    """The tests' assertion: out within the rule for `kind` ("fwd" or "bwd"), and a forward within FP32_ACC."""
+    """The tests' assertion: out within the rule for `kind` ("fwd" or "bwd"), a forward within FP32_ACC."""
     err, err_torch, bound = error_and_bound(out, ref64, ref_lowp, dtype, kind)
-    assert err <= bound, f"{name}: error {err:.3e} > plain-torch error {err_torch:.3e} + tolerance ({bound:.3e})"
+    assert err <= bound, \
+        f"{name}: error {err:.3e} > plain-torch error {err_torch:.3e} + tolerance ({bound:.3e})"
     if kind == "fwd" and dtype != torch.float64:
         acc = FP32_ACC * scale(ref64)
         assert err <= acc, f"{name}: error {err:.3e} above fp32 accumulation ({acc:.3e})"

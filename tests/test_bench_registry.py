@@ -13,16 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench import check, cpu_path, entropy_change, lm_head, logprobs, policy_loss, registry, runner, tolerances
+from bench import check, cpu_path, entropy_change, lm_head, logprobs, policy_loss, registry, runner
+from bench import tolerances
 from bench.cases import Case
 from bench.providers import Provider
 
 CPU = torch.device("cpu")
 # The fields of the results rows before the families shared one runner: bench/compare.py and the results
 # files read them, so every row keeps them.
-LOGITS_FIELDS = {"case", "op", "N", "V", "dtype", "pad", "n_valid", "provider", "kind", "computes", "note", "status",
-                 "errors", "max_err", "median_ms", "min_ms", "reps", "times_ms", "bytes", "gbps", "frac_copy",
-                 "copy_gbps", "peak_extra_bytes", "input_sets"}
+LOGITS_FIELDS = {"case", "op", "N", "V", "dtype", "pad", "n_valid", "provider", "kind", "computes", "note",
+                 "status", "errors", "max_err", "median_ms", "min_ms", "reps", "times_ms", "bytes", "gbps",
+                 "frac_copy", "copy_gbps", "peak_extra_bytes", "input_sets"}
 LM_HEAD_FIELDS = LOGITS_FIELDS | {"D", "flops", "tflops", "frac_matmul", "logits_bytes", "required_bytes",
                                   "peak_extra_frac_logits"}
 CPU_FIELDS = LOGITS_FIELDS | {"first_call_ms", "peak_extra_frac_logits"}
@@ -80,7 +81,8 @@ def test_entropy_change_family_checks_and_times():
     assert {k: r["status"] for k, r in rows.items()} == {
         "covkernels": "ok", "python_ref": "ok", "flipped_predicted": "wrong", "flipped_actual": "wrong",
         "unmasked": "wrong"}
-    assert rows["covkernels"]["max_err"] < 1e-5 and set(rows["covkernels"]["errors"]) == {"predicted", "actual"}
+    assert rows["covkernels"]["max_err"] < 1e-5
+    assert set(rows["covkernels"]["errors"]) == {"predicted", "actual"}
     assert rows["covkernels"]["bytes"] == 2 * rows["covkernels"]["n_valid"] * 300 * 4 + 9 * 8
     assert [c.name for c in family.cases("tiny")] == ["entropy_change 64x4099 bf16 pad30",
                                                       "entropy_change 64x4099 fp32"]
@@ -97,7 +99,8 @@ def test_policy_loss_family_checks_on_a_small_instance():
     providers = [family.by_name["covkernels"], family.by_name["python_ref"],
                  Provider("scaled", "ours", load, computes=("loss",))]
     rows = {r["provider"]: r for r in runner.run_case(family, case, providers, CPU)}
-    assert {k: r["status"] for k, r in rows.items()} == {"covkernels": "ok", "python_ref": "ok", "scaled": "wrong"}
+    assert {k: r["status"] for k, r in rows.items()} == {"covkernels": "ok", "python_ref": "ok",
+                                                         "scaled": "wrong"}
     assert rows["covkernels"]["case"] == "policy_loss clip_cov 8x70 fp32 pad30"
     assert set(rows["covkernels"]["errors"]) == {"loss", "grad"} and rows["covkernels"]["max_err"] < 1e-5
     assert rows["covkernels"]["bytes"] == Case("fwd_bwd", 8, 70, "fp32", 0.3).bytes_moved
@@ -115,8 +118,8 @@ def test_check_holds_providers_to_the_shared_rule(monkeypatch):
     assert not check.score({"logp": beyond}, ref_out, torch.float32)[1]
     nan = truth.clone()
     nan[1] = float("nan")
-    errors, ok, worst = check.score({"logp": within, "logp_twice": nan}, {k: dict(v, logp_twice=v["logp"])
-                                                                          for k, v in ref_out.items()}, torch.float32)
+    twice = {k: dict(v, logp_twice=v["logp"]) for k, v in ref_out.items()}
+    _, ok, worst = check.score({"logp": within, "logp_twice": nan}, twice, torch.float32)
     assert not ok and worst != worst  # NaN where the reference is a number: the largest error
     with pytest.raises(AssertionError, match="plain-torch error"):  # the tests' kind: no slack over plain
         tolerances.assert_close_to_ref(within, truth, truth + 1e-3, torch.float32, "bwd")
@@ -124,15 +127,26 @@ def test_check_holds_providers_to_the_shared_rule(monkeypatch):
     assert check.score({"logp": beyond}, ref_out, torch.float32)[1]
 
 
+def test_compile_is_left_out_on_a_cpu_but_where_the_cpu_figures_are_set_against_it():
+    assert registry.skips(logprobs.FAMILY, on_gpu=False) == {"compiled_ref": registry.NOT_COMPILED}
+    assert registry.skips(policy_loss.FAMILY, on_gpu=False, compile_on_cpu=True) == {}
+    assert registry.skips(cpu_path.FAMILY, on_gpu=False) == registry.skips(lm_head.FAMILY, on_gpu=True) == {}
+    assert [f.name for f in registry.FAMILIES if registry.runs_unasked(f, on_gpu=True)] == ["logits", "lm_head"]
+    assert [f.name for f in registry.FAMILIES if registry.runs_unasked(f, on_gpu=True, main_job=False)] == [
+        "logits", "lm_head", "policy_loss", "entropy_change"]
+
+
 def test_main_job_runs_the_families_named_by_ops(tmp_path):
     out = tmp_path / "named.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     argv = ["--ops", "policy_loss,entropy_change", "--providers", "python_ref", "--out", str(out)]
     proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "3 policy-loss cases x 1 providers, 2 entropy-change cases x 1 providers" in proc.stdout
-    assert "policy loss: policy-loss rows" in proc.stdout and "entropy change: entropy-change rows" in proc.stdout
+    assert "policy loss: policy-loss rows" in proc.stdout
+    assert "entropy change: entropy-change rows" in proc.stdout
     results = json.loads(out.read_text())
     assert [(r["op"], r["status"]) for r in results["rows"]] == [("policy_loss", "ok")] * 3 + [
         ("entropy_change", "ok")] * 2
@@ -152,9 +166,10 @@ def test_pytest_benchmark_suite_is_generated_from_the_registry():
     run = [sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider"]
     listed = subprocess.run([*run, "--collect-only"], cwd=ROOT, env=env, check=False, capture_output=True,
                             text=True, timeout=300)
-    ids = sorted(line.split("[", 1)[1][:-1] for line in listed.stdout.splitlines() if "::test_family[" in line)
+    ids = sorted(line.split("[", 1)[1][:-1] for line in listed.stdout.splitlines()
+                 if "::test_family[" in line)
     assert ids == _suite_ids() and any(i.startswith("cpu-") for i in ids), listed.stdout[-3000:]
     picked = "entropy_change-64x4099-fp32 and (python_ref or covkernels)"
-    timed = subprocess.run([*run, "-k", picked, "--benchmark-json", os.devnull], cwd=ROOT, env=env, check=False,
-                           capture_output=True, text=True, timeout=300)
+    timed = subprocess.run([*run, "-k", picked, "--benchmark-json", os.devnull], cwd=ROOT, env=env,
+                           check=False, capture_output=True, text=True, timeout=300)
     assert timed.returncode == 0 and "2 passed" in timed.stdout, timed.stdout[-3000:] + timed.stderr[-3000:]

@@ -5,7 +5,6 @@ rows as TFLOP/s and fractions of torch_matmul."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ from bench import compare, report, runner
 from bench import lm_head as L
 from bench.cases import IGNORE_INDEX
 from bench.providers import Provider
+from test_bench_smoke import run_main_job
 
 OURS = ("torch_matmul", "covkernels_linear", "unfused", "unfused_inplace", "python_ref")
 
@@ -28,15 +28,8 @@ OURS = ("torch_matmul", "covkernels_linear", "unfused", "unfused_inplace", "pyth
 def main_job(tmp_path_factory):
     """The main job on the bf16 tiny cases (padded), covkernels' providers, the baseline and the reference
     (the peers' imports take seconds; they are run in-process below)."""
-    out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--ops", "linear_fwd,linear_fwd_bwd", "--providers", ",".join(OURS), "--cases", "bf16",
-            "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    argv = ["--ops", "linear_fwd,linear_fwd_bwd", "--providers", ",".join(OURS), "--cases", "bf16"]
+    return run_main_job(argv, tmp_path_factory.mktemp("bench") / "cpu.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the main job's CPU (interpreter) behaviour")

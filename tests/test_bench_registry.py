@@ -17,6 +17,7 @@ from bench import check, cpu_path, entropy_change, lm_head, logprobs, policy_los
 from bench import tolerances
 from bench.cases import Case
 from bench.providers import Provider
+from test_bench_smoke import run_main_job
 
 CPU = torch.device("cpu")
 # The fields of the results rows before the families shared one runner: bench/compare.py and the results
@@ -137,20 +138,14 @@ def test_compile_is_left_out_on_a_cpu_but_where_the_cpu_figures_are_set_against_
 
 
 def test_main_job_runs_the_families_named_by_ops(tmp_path):
-    out = tmp_path / "named.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--ops", "policy_loss,entropy_change", "--providers", "python_ref", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "3 policy-loss cases x 1 providers, 2 entropy-change cases x 1 providers" in proc.stdout
-    assert "policy loss: policy-loss rows" in proc.stdout
-    assert "entropy change: entropy-change rows" in proc.stdout
-    results = json.loads(out.read_text())
+    argv = ["--ops", "policy_loss,entropy_change", "--providers", "python_ref"]
+    stdout, results = run_main_job(argv, tmp_path / "named.json")
+    assert "3 policy-loss cases x 1 providers, 2 entropy-change cases x 1 providers" in stdout
+    assert "policy loss: policy-loss rows" in stdout
+    assert "entropy change: entropy-change rows" in stdout
     assert [(r["op"], r["status"]) for r in results["rows"]] == [("policy_loss", "ok")] * 3 + [
         ("entropy_change", "ok")] * 2
-    assert all(r["case"] in proc.stdout for r in results["rows"])
+    assert all(r["case"] in stdout for r in results["rows"])
     assert set(registry.CONVENTIONS) == set(results["conventions"])
 
 

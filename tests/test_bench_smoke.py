@@ -19,19 +19,23 @@ from bench import compare, cpu_path, logprobs, policy_loss, providers, registry,
 from bench.providers import Provider, Unavailable
 
 
+def run_main_job(argv, out):
+    """(stdout, results) of `python -m bench *argv --out out` from this checkout, the kernels interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", *argv, "--out", str(out)], cwd=ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory):
     """`python -m bench` on the CPU, restricted to covkernels and the reference (the peers' imports take
     seconds and are exercised by `pytest bench/`) and to the padded cases (the interpreter takes ~0.3 s
     a call)."""
-    out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--providers", "covkernels,covkernels_inplace,python_ref", "--cases", "pad30", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    argv = ["--providers", "covkernels,covkernels_inplace,python_ref", "--cases", "pad30"]
+    return run_main_job(argv, tmp_path_factory.mktemp("bench") / "cpu.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the main job's CPU (interpreter) behaviour")

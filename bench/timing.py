@@ -23,7 +23,7 @@ GPU_WARMUP, GPU_MIN_REPS, GPU_MAX_REPS, GPU_TARGET_S = 3, 5, 50, 0.4
 CPU_WARMUP, CPU_REPS, INTERPRETER_REPS = 0, 3, 1
 
 
-def _sync():
+def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
@@ -64,7 +64,7 @@ def time_calls(fn, warmup=None, reps=None):
         return times
     for i in range(GPU_WARMUP if warmup is None else warmup):
         fn(i)
-    _sync()
+    sync()
     if reps is None:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -79,7 +79,7 @@ def time_calls(fn, warmup=None, reps=None):
         start.record()
         fn(i)
         end.record()
-    _sync()
+    sync()
     return [s.elapsed_time(e) for s, e in events]
 
 
@@ -88,11 +88,11 @@ def peak_extra_bytes(fn):
     anything else alive), outputs included; None without CUDA (the CPU allocator keeps no such count)."""
     if not torch.cuda.is_available():
         return None
-    _sync()
+    sync()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     out = fn(0)
-    _sync()
+    sync()
     peak = torch.cuda.max_memory_allocated() - base
     del out
     return int(peak)
@@ -121,9 +121,7 @@ def peak_extra_rss_bytes(fn):
     return peak
 
 
-def summarize(times_ms, nbytes, copy_gbps):
-    """Median time, bandwidth and the fraction of the copy bandwidth of one measurement."""
-    med = statistics.median(times_ms)
-    gbps = nbytes / (med * 1e-3) / 1e9 if med > 0 else None
-    frac = gbps / copy_gbps if gbps and copy_gbps else None
-    return {"median_ms": med, "min_ms": min(times_ms), "reps": len(times_ms), "gbps": gbps, "frac_copy": frac}
+def summarize(times_ms):
+    """Median and least time of one measurement's calls, and how many there were (a case's rates of the
+    median give the bandwidth or the FLOP rate)."""
+    return {"median_ms": statistics.median(times_ms), "min_ms": min(times_ms), "reps": len(times_ms)}

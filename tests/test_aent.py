@@ -8,7 +8,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.ops.clamped_entropy.kernels import clamped_fwd
 from helpers import LAYOUTS, make_logits, make_targets, upstream
-from tolerances import TOLERANCES, assert_close_to_ref
+from bench.tolerances import TOLERANCES, assert_close_to_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

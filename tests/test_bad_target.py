@@ -10,7 +10,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.distributed import vocab_parallel_token_stats
 from helpers import make_logits, make_targets, upstream
-from tolerances import max_err
+from bench.tolerances import max_err
 
 N_ROWS, V, D = 6, 97, 12
 BAD_ROWS = [1, 4]  # targets V and -3

@@ -5,7 +5,6 @@ rows as TFLOP/s and fractions of torch_matmul."""
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,10 +15,11 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import python_ref as ref
-from bench import cases_linear as L
-from bench import compare, report, runner_linear
-from bench import providers_linear as PL
+from bench import compare, report, runner
+from bench import lm_head as L
 from bench.cases import IGNORE_INDEX
+from bench.providers import Provider
+from test_bench_smoke import run_main_job
 
 OURS = ("torch_matmul", "covkernels_linear", "unfused", "unfused_inplace", "python_ref")
 
@@ -28,15 +28,8 @@ OURS = ("torch_matmul", "covkernels_linear", "unfused", "unfused_inplace", "pyth
 def main_job(tmp_path_factory):
     """The main job on the bf16 tiny cases (padded), covkernels' providers, the baseline and the reference
     (the peers' imports take seconds; they are run in-process below)."""
-    out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--ops", "linear_fwd,linear_fwd_bwd", "--providers", ",".join(OURS), "--cases", "bf16",
-            "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    argv = ["--ops", "linear_fwd,linear_fwd_bwd", "--providers", ",".join(OURS), "--cases", "bf16"]
+    return run_main_job(argv, tmp_path_factory.mktemp("bench") / "cpu.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the main job's CPU (interpreter) behaviour")
@@ -67,7 +60,7 @@ def test_main_job_runs_the_lm_head_rows(main_job):
 
 
 def _fake(name, fn, computes=("logp", "entropy")):
-    return PL.LinearProvider(name, "ours", lambda: fn, computes=computes)
+    return Provider(name, "ours", lambda: fn, computes=computes)
 
 
 def _zero_grad(x):
@@ -93,23 +86,22 @@ def test_check_catches_wrong_outputs_and_gradients():
              _fake("logp_only_wrong_grad", lambda h, w, t: (_plus_entropy_grad(*exact(h, w, t)), None),
                    computes=("logp",))]
     case = L.LinearCase("linear_fwd_bwd", 24, 17, 70, "fp32", L.PAD)
-    rows = runner_linear.run_case(case, fakes, torch.device("cpu"), None)
+    rows = runner.run_case(L.FAMILY, case, fakes, torch.device("cpu"))
     status = {r["provider"]: r["status"] for r in rows}
     assert status == {"exact": "ok", "shifted": "wrong", "entropy_no_grad": "wrong", "logp_only": "ok",
                       "logp_only_wrong_grad": "wrong"}, rows
     exact_row = rows[0]
     assert set(exact_row["errors"]) == {"logp", "entropy", "d_hidden", "d_weight"}
     assert exact_row["max_err"] < 1e-5
-    assert "WRONG" in report.linear_table(rows)
+    assert "WRONG" in L.FAMILY.table(rows)
 
 
 def test_reference_in_chunks_and_sampled_vocabulary_matches_autograd(monkeypatch):
     """The big-shape path of the check: d_weight summed over row chunks at sampled vocabulary entries
     (V > 512) equals float64 autograd through python_ref on the whole batch."""
     from bench import cases as C
-    from bench import check_linear
 
-    monkeypatch.setattr(check_linear, "CHUNK_ELEMENTS", 600 * 5)  # 5 rows a chunk: 5 chunks of 24 rows
+    monkeypatch.setattr(L, "CHUNK_ELEMENTS", 600 * 5)  # 5 rows a chunk: 5 chunks of 24 rows
     case = L.LinearCase("linear_fwd_bwd", 24, 17, 600, "fp32", L.PAD)
     dev = torch.device("cpu")
     hidden, weight, targets = L.make_inputs(case, dev)
@@ -117,7 +109,7 @@ def test_reference_in_chunks_and_sampled_vocabulary_matches_autograd(monkeypatch
     rows = C.check_rows(case, dev)
     cols = L.check_cols(case, targets, rows, dev)
     assert 16 < len(cols) < case.V and (case.V - 1) in cols.tolist()
-    truth = check_linear.reference(case, hidden, weight, targets, grads, rows, cols)["truth"]
+    truth = L.reference(case, hidden, weight, targets, grads, rows, cols)["truth"]
     h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     logp, ent = ref.linear_logprobs_and_entropy(h, w, targets, ignore_index=IGNORE_INDEX)
     d_h, d_w = torch.autograd.grad((logp * grads[0] + ent * grads[1]).sum(), (h, w), retain_graph=True)
@@ -130,9 +122,9 @@ def test_reference_in_chunks_and_sampled_vocabulary_matches_autograd(monkeypatch
 def test_peers_on_cpu_agree_or_say_why():
     """Liger's two fused heads run on a CPU (its Triton kernels interpreted, its scaled CE's PyTorch
     fallback) and agree with python_ref, gradients included; CCE and verl's fused kernel are CUDA only."""
-    chosen = [PL.BY_NAME[n] for n in ("torch_matmul", "liger", "liger_entropy", "cce", "verl_fused")]
+    chosen = [L.FAMILY.by_name[n] for n in ("torch_matmul", "liger", "liger_entropy", "cce", "verl_fused")]
     case = L.LinearCase("linear_fwd_bwd", 48, 40, 300, "bf16", L.PAD)
-    rows = {r["provider"]: r for r in runner_linear.run_case(case, chosen, torch.device("cpu"), None)}
+    rows = {r["provider"]: r for r in runner.run_case(L.FAMILY, case, chosen, torch.device("cpu"))}
     assert rows["cce"]["status"].startswith("skipped: CUDA only")
     assert rows["verl_fused"]["status"].startswith("skipped: ")  # CUDA only, or verl not installed
     if importlib.util.find_spec("liger_kernel") is None:
@@ -146,30 +138,30 @@ def test_peers_on_cpu_agree_or_say_why():
 
 
 def test_verl_fused_skips_a_hidden_size_it_does_not_take():
-    skip = PL.BY_NAME["verl_fused"].skip
+    skip = L.FAMILY.by_name["verl_fused"].skip
     assert "multiple of 128" in skip(L.LinearCase("linear_fwd", 48, 40, 300, "bf16"), torch.device("cpu"))
     assert skip(L.LinearCase("linear_fwd", 48, 128, 300, "bf16"), torch.device("cpu")) is None
 
 
 def test_cases_flops_and_memory_conventions():
     N, D, V = L.TARGET_SHAPE
-    quick = L.cases("quick")
+    quick = L.FAMILY.cases("quick")
     assert [c.name for c in quick] == [f"linear_fwd {N}x{D}x{V} bf16", f"linear_fwd_bwd {N}x{D}x{V} bf16",
                                        f"linear_fwd {N}x{D}x{V} bf16 pad33", f"linear_fwd_bwd {N}x{D}x{V} bf16 pad33"]
     fwd, bwd = quick[:2]
-    assert L.flops(fwd) == 2 * N * D * V and L.flops(bwd) == 3 * L.flops(fwd)
+    assert fwd.flops == 2 * N * D * V and bwd.flops == 3 * fwd.flops
     assert fwd.logits_bytes == N * V * 2
-    assert L.required_bytes(fwd, ("logp", "entropy")) == 8 * N
-    assert L.required_bytes(bwd, ("logp",)) == 4 * N + (N + V) * D * 2
-    assert L.required_bytes(bwd, ("logits",)) == (N + V) * D * 2
-    assert [c.op for c in L.cases("tiny", ops=("linear_fwd",))] == ["linear_fwd", "linear_fwd"]
+    assert fwd.required_bytes(("logp", "entropy")) == 8 * N
+    assert bwd.required_bytes(("logp",)) == 4 * N + (N + V) * D * 2
+    assert bwd.required_bytes(("logits",)) == (N + V) * D * 2
+    assert [c.op for c in L.FAMILY.cases("tiny", ops=("linear_fwd",))] == ["linear_fwd", "linear_fwd"]
     padded = L.LinearCase("linear_fwd", 48, 40, 300, "bf16", L.PAD)
     hidden, weight, targets = L.make_inputs(padded, torch.device("cpu"))
     assert hidden.shape == (*padded.shape, 40) and weight.shape == (300, 40)
     assert abs((targets == IGNORE_INDEX).float().mean().item() - 1 / 3) < 0.05
     assert 2.5 < (hidden.float() @ weight.float().T).std().item() < 3.5  # logits ~ 3 N(0, 1)
     with pytest.raises(ValueError, match="mode must be"):
-        L.cases("huge")
+        L.FAMILY.cases("huge")
 
 
 def test_compare_renders_lm_head_rows_and_merge_keeps_other_cases(tmp_path):
@@ -206,6 +198,6 @@ def test_targets_line_reads_the_issue_targets():
             dict(base, op="linear_fwd", case="padded", pad=L.PAD, frac_matmul=0.9, peak_extra_frac_logits=0.0),
             dict(base, op="linear_fwd", case="unfused", provider="unfused", frac_matmul=0.5,
                  peak_extra_frac_logits=1.0)]
-    fwd, bwd = report.linear_targets(rows)
+    fwd, bwd = L.FAMILY.targets(rows)
     assert "75% of torch mm (>= 70%: met)" in fwd and "1.2% of the logits (< 5%: met)" in fwd
     assert "55% of torch mm (>= 60%: MISSED)" in bwd and "8.0% of the logits (< 5%: MISSED)" in bwd

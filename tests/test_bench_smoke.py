@@ -15,8 +15,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench import cases as C
-from bench import compare, policy, providers, report, runner
+from bench import compare, cpu_path, logprobs, policy_loss, providers, registry, report, runner
 from bench.providers import Provider, Unavailable
+
+
+def run_main_job(argv, out):
+    """(stdout, results) of `python -m bench *argv --out out` from this checkout, the kernels interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "bench", *argv, "--out", str(out)], cwd=ROOT, env=env,
+                          check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -24,14 +34,8 @@ def main_job(tmp_path_factory):
     """`python -m bench` on the CPU, restricted to covkernels and the reference (the peers' imports take
     seconds and are exercised by `pytest bench/`) and to the padded cases (the interpreter takes ~0.3 s
     a call)."""
-    out = tmp_path_factory.mktemp("bench") / "cpu.json"
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = ["--providers", "covkernels,covkernels_inplace,python_ref", "--cases", "pad30", "--out", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "bench", *argv], cwd=ROOT, env=env, check=False,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout, json.loads(out.read_text())
+    argv = ["--providers", "covkernels,covkernels_inplace,python_ref", "--cases", "pad30"]
+    return run_main_job(argv, tmp_path_factory.mktemp("bench") / "cpu.json")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the main job's CPU (interpreter) behaviour")
@@ -64,15 +68,15 @@ def test_unavailable_provider_is_reported_not_dropped():
 
     fake = Provider("nopeer", "peer", load)
     case = C.Case("fwd", 8, 33, "fp32", 0.3)
-    rows = runner.run_case(case, [fake, providers.BY_NAME["python_ref"]], torch.device("cpu"), None)
+    rows = runner.run_case(logprobs.FAMILY, case, [fake, logprobs.PYTHON_REF], torch.device("cpu"))
     assert [r["provider"] for r in rows] == ["nopeer", "python_ref"]
     assert rows[0]["status"] == "skipped: nopeer not installed (pip install nopeer)"
     assert rows[1]["status"] == "ok" and rows[1]["max_err"] < 1e-5
     assert "nopeer not installed" in report.table(rows)
     with pytest.raises(Unavailable, match="not installed"):
-        providers._module("surely_not_a_module_xyz", "f", pip="x")
+        providers.entry_point("surely_not_a_module_xyz", "f", pip="x")
     with pytest.raises(ValueError, match="unknown providers"):
-        providers.select(["nope"])
+        registry.select(["nope"])
 
 
 def test_policy_bench_skips_without_covkernels_policy_loss(monkeypatch):
@@ -80,15 +84,15 @@ def test_policy_bench_skips_without_covkernels_policy_loss(monkeypatch):
 
     monkeypatch.delattr(covkernels, "policy_loss", raising=False)
     with pytest.raises(Unavailable, match="policy_loss is not importable"):
-        policy.PROVIDERS["covkernels"]()
+        policy_loss.FAMILY.by_name["covkernels"].load()
 
 
 def test_bytes_follow_the_stated_convention():
     dense, padded = C.Case("fwd", 2048, 1000, "bf16"), C.Case("fwd_bwd", 2048, 1000, "bf16", 0.3)
-    assert C.bytes_moved(dense) == 2048 * 1000 * 2 + 2048 * 16
+    assert dense.bytes_moved == 2048 * 1000 * 2 + 2048 * 16
     nv = C.n_valid(padded)
     assert abs(nv - 0.7 * 2048) <= 4
-    assert C.bytes_moved(padded) == 2 * nv * 1000 * 2 + 2048 * 1000 * 2 + 2048 * 40
+    assert padded.bytes_moved == 2 * nv * 1000 * 2 + 2048 * 1000 * 2 + 2048 * 40
 
 
 def _run(name, rows, copy=3000.0):
@@ -138,24 +142,23 @@ def test_compare_single_file_and_duplicate_devices(tmp_path, capsys):
 def test_cpu_path_family_checks_times_and_reports_against_the_targets():
     """bench/cpu_path.py on a tiny case: covkernels' PyTorch path and eager PyTorch checked and timed, the
     table and the target lines against torch.compile (a synthetic baseline row here: compiling takes long)."""
-    from bench import cpu_path
-
-    case = cpu_path.CpuCase("fwd_bwd", 8, 300, "fp32")
+    case = cpu_path.CpuCase("cpu_fwd_bwd", 8, 300, "fp32")
     assert case.name == "cpu fwd_bwd 8x300 fp32"
-    chosen = [cpu_path.BY_NAME_CPU[n] for n in ("covkernels_torch", "python_ref")]
-    rows = cpu_path.run_case(case, chosen)
+    family = cpu_path.FAMILY
+    chosen = [family.by_name[n] for n in ("covkernels_torch", "python_ref")]
+    rows = runner.run_case(family, case, chosen, torch.device("cpu"))
     assert [r["provider"] for r in rows] == ["covkernels_torch", "python_ref"]
     for r in rows:
         assert r["status"] == "ok" and r["op"] == "cpu_fwd_bwd" and r["median_ms"] > 0 and r["first_call_ms"] > 0
         assert r["errors"]["grad"] < 1e-5
     baseline = dict(rows[1], provider="compiled_ref", median_ms=rows[0]["median_ms"] / 2)
-    text = cpu_path.table(rows + [baseline])
+    text = family.table(rows + [baseline])
     assert "x compile" in text and "2.00" in text
-    assert cpu_path.targets(rows + [baseline]) == [
+    assert family.targets(rows + [baseline]) == [
         "target cpu fwd_bwd 8x300 fp32: covkernels_torch at 2.00 x torch.compile's time (<= 1.5 x: MISSED)"]
     memory = dict(rows[0], case="cpu fwd 512x151936 bf16", N=512, V=151936, dtype="bf16", peak_extra_frac_logits=0.01)
-    assert cpu_path.targets([memory]) == [
+    assert family.targets([memory]) == [
         "target cpu fwd 512x151936 bf16: covkernels_torch peak extra 1.0% of the logits (<= 35%: met)"]
-    assert [c.name for c in cpu_path.cases()] == [
+    assert [c.name for c in family.cases("tiny")] == [
         "cpu fwd 1024x32000 fp32", "cpu fwd_bwd 1024x32000 fp32", "cpu fwd 1024x32000 bf16",
         "cpu fwd_bwd 1024x32000 bf16", "cpu fwd 512x151936 bf16"]

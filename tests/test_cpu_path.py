@@ -12,7 +12,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.ops.common import compiled as C
 from helpers import LAYOUTS, make_logits, make_targets, upstream
-from tolerances import assert_close_to_ref, max_err
+from bench.tolerances import assert_close_to_ref, max_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 

@@ -22,7 +22,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.distributed import CovSelection, vocab_parallel_logprobs_and_entropy, vocab_parallel_token_stats
 from test_policy_loss_contract import NoHostSync
-from tolerances import FP32_ACC, assert_close_to_ref, max_err
+from bench.tolerances import FP32_ACC, assert_close_to_ref, max_err
 
 WORLDS = (2, 4)
 METHODS = ["ppo", "clip_cov", "kl_cov"]

@@ -10,7 +10,7 @@ from covkernels.distributed import CovSelection, vocab_parallel_logprobs_and_ent
 from covkernels.ops.vocab_parallel import op as vp
 from covkernels.ops.vocab_parallel import torch_path as vpt
 from covkernels.ops.fused_pass.kernels import fused_fwd, fused_fwd_partials
-from tolerances import max_err
+from bench.tolerances import max_err
 
 SELECTIVE = dict(clip_cov_ratio=0.1, clip_cov_lb=0.02, clip_cov_ub=3.0, kl_cov_ratio=0.1)
 

@@ -16,7 +16,7 @@ from covkernels.ops.entropy_change.torch_path import entropy_change_fwd_torch
 from covkernels.ops.common import layout
 from helpers import make_logits
 from test_memory import AllocationLog
-from tolerances import assert_close_to_ref, max_err
+from bench.tolerances import assert_close_to_ref, max_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 IMPLS = ["triton", "torch"]

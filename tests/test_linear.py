@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import covkernels as ck
 import python_ref as ref
 from helpers import LAYOUTS, make_logits, make_targets, upstream
-from tolerances import assert_close_to_ref
+from bench.tolerances import assert_close_to_ref
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 IMPLS = ["triton", "torch"]

@@ -9,7 +9,7 @@ from helpers import make_logits, upstream
 from test_linear import make_head, targets_for
 from test_policy_loss import CENTERINGS, METHODS, SELECTIVE
 from test_policy_loss_contract import NoHostSync
-from tolerances import assert_close_to_ref, max_err
+from bench.tolerances import assert_close_to_ref, max_err
 
 B, T, D, V = 4, 12, 24, 67
 

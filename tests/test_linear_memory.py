@@ -12,7 +12,7 @@ from covkernels.ops.common import layout
 from helpers import upstream
 from test_linear import make_head, targets_for
 from test_memory import AllocationLog
-from tolerances import assert_close_to_ref
+from bench.tolerances import assert_close_to_ref
 
 N, D, V, CHUNK = 64, 8, 1200, 128
 PATHS = {"triton": (linear_fwd, linear_bwd), "torch": (linear_fwd_torch, linear_bwd_torch)}

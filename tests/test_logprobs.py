@@ -8,7 +8,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.ops.fused_pass.kernels import fused_bwd, fused_fwd
 from helpers import LAYOUTS, make_logits, make_targets, upstream
-from tolerances import assert_close_to_ref, max_err
+from bench.tolerances import assert_close_to_ref, max_err
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 VOCABS = [1, 2, 127, 4099, 50257]

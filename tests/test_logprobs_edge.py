@@ -7,7 +7,7 @@ import torch
 import covkernels as ck
 import python_ref as ref
 from helpers import make_logits, make_targets, upstream
-from tolerances import max_err
+from bench.tolerances import max_err
 
 IMPLS = ["triton", "torch"]
 

@@ -5,7 +5,7 @@ import torch
 
 import covkernels as ck
 import python_ref as ref
-from tolerances import assert_close_to_ref, max_err
+from bench.tolerances import assert_close_to_ref, max_err
 
 METHODS = ["ppo", "clip_cov", "kl_cov"]
 CENTERINGS = ["batch", "state"]

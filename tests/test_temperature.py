@@ -10,7 +10,7 @@ import covkernels as ck
 import python_ref as ref
 from covkernels.distributed import vocab_parallel_token_stats
 from helpers import interpreter_fuses_fma
-from tolerances import assert_close_to_ref
+from bench.tolerances import assert_close_to_ref
 
 FIELDS = ("logp", "entropy", "lse", "sum_p2", "sum_p2_logp")
 # The kernels' accuracy with the temperature rests on a fused multiply-add; under an interpreter that rounds

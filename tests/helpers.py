@@ -1,5 +1,9 @@
 """Input builders shared by the tests."""
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 LAYOUTS = ("flat", "bt", "sliced", "padded")
 
@@ -51,3 +55,18 @@ def interpreter_fuses_fma():
     out = torch.zeros(1)
     _fma[(1,)](out, 1 + 2**-12, -(1 + 2**-11))
     return out.item() == 2**-24
+
+
+@functools.cache
+def fma_rounds_once():
+    """Whether tl.fma rounds once, as the GPU's FFMA does. Triton 3.6's interpreter computes x * y + z in
+    fp32 with two roundings (fixed by 3.9's); (1 + 2^-12)^2 - 1 tells them apart: 2^-11 + 2^-24 fused,
+    2^-11 with the product rounded first."""
+    @triton.jit
+    def fma_kernel(ptr):
+        x = tl.load(ptr)
+        tl.store(ptr, tl.fma(x, x, -1.0))
+
+    x = torch.tensor([1 + 2.0**-12], device="cuda" if torch.cuda.is_available() else "cpu")
+    fma_kernel[(1,)](x)
+    return x.item() == 2.0**-11 + 2.0**-24

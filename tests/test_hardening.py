@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import covkernels as ck
 import python_ref as ref
-from helpers import LAYOUTS, make_logits, make_targets, upstream
+from helpers import LAYOUTS, fma_rounds_once, make_logits, make_targets, upstream
 from test_policy_loss import AGG_MODES, METHODS, make_batch, run
 from bench.tolerances import assert_close_to_ref, max_err
 
@@ -47,7 +47,10 @@ def test_fuzz_found_low_temperature_gradient(impl):
     """`make fuzz` (the property test above, 600 cases) found this fp32 case: logits ~N(0, 20^2), half of them
     -inf, T = 0.05 (scaled logits ~1e3); the Triton kernels' gradient was 1.9e-4 off the float64 truth where
     the rule allows 8.2e-5 (docs/numerics.md#temperature: scale differences from the row max, not raw logits
-    by 1/T)."""
+    by 1/T). The fix rests on tl.fma rounding once, as on the GPU; an interpreter that rounds it twice
+    (Triton 3.6's) gives ~2.5e-4 here."""
+    if impl == "triton" and not fma_rounds_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice; the GPU's FFMA rounds once")
     test_fused_pass_matches_reference_on_random_inputs.hypothesis.inner_test(
         dtype=torch.float32, V=268, rows=4, layout="flat", temperature=0.05, scale=20.0, neg_inf=0.5, impl=impl,
         seed=366)

@@ -29,7 +29,7 @@ _SPLIT_ALIGN = 256
 
 @triton.jit
 def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, BLOCK_N: tl.constexpr,
-                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr):
     """The logits hidden @ weight.T + bias (before the temperature) of one [BLOCK_N, BLOCK_V] tile, in fp32.
 
     rows [BLOCK_N] and cols [BLOCK_V] (int64) must be in range: callers wrap the tile's overhang back
@@ -37,7 +37,7 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, cols, D, stride_hn, stride_wv, BLOCK_
     offs_d = tl.arange(0, BLOCK_D)
     h_ptrs = h_ptr + rows[:, None] * stride_hn + offs_d[None, :]  # [BLOCK_N, BLOCK_D]
     w_ptrs = w_ptr + cols[None, :] * stride_wv + offs_d[:, None]  # [BLOCK_D, BLOCK_V]
-    acc = dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, DOT_UPCAST)
+    acc = dot_loop(h_ptrs, w_ptrs, D, 1, BLOCK_N, BLOCK_V, BLOCK_D, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols).to(tl.float32)[None, :]
     return acc
@@ -72,7 +72,7 @@ def _add_tile(z, scale, m, l, s1, q, q1, STATS: tl.constexpr):
 def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn, stride_wv, chunk, n_split,
                        scale, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                        BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       STATS: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                       STATS: tl.constexpr, INTERPRETED: tl.constexpr):
     tile_n, split = tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_split, GROUP_N)
     offs_n = tile_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -92,7 +92,7 @@ def _linear_fwd_kernel(h_ptr, w_ptr, b_ptr, t_ptr, part_ptr, N, V, D, stride_hn,
         offs_v = start + tl.arange(0, BLOCK_V)
         mask_v = offs_v < V
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST)
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, INTERPRETED)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m, l, s1, q, q1 = _add_tile(z, scale, m, l, s1, q, q1, STATS)
         # Exactly one split holds a row's target: the others add 0, so the combine's sum is z_t itself.
@@ -131,7 +131,7 @@ def _linear_combine_kernel(t_ptr, part_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, 
 def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, gent_ptr, dz_ptr,
                       N, V, D, col_start, n_cols, stride_hn, stride_wv, stride_dzn, scale, inv_temp, ignore_index,
                       BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr):
     """dz of docs/fused_pass.md#the-gradient on columns [col_start, col_start + n_cols) into dz [N, n_cols]
     (row stride stride_dzn), from recomputed logit tiles."""
     tile_n, tile_v = tile_coords(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(n_cols, BLOCK_V), GROUP_N)
@@ -146,7 +146,7 @@ def _linear_dz_kernel(h_ptr, w_ptr, b_ptr, t_ptr, lse2_ptr, ent_ptr, glogp_ptr, 
     # A tile of ignored rows (padding) has dz = 0 and skips its matrix product.
     if tl.max(valid.to(tl.int32), axis=0) > 0:
         z = _logit_tile(h_ptr, w_ptr, b_ptr, offs_n % N, offs_v % V, D, stride_hn, stride_wv,
-                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, DOT_UPCAST)
+                        BLOCK_N, BLOCK_V, BLOCK_D, HAS_BIAS, INTERPRETED)
         m = tl.load(lse2_ptr + offs_n, mask=mask_n, other=0.0)
         big_l = tl.load(lse2_ptr + N + offs_n, mask=mask_n, other=0.0)
         g_logp = tl.load(glogp_ptr + offs_n, mask=mask_n, other=0.0)
@@ -196,7 +196,7 @@ def linear_fwd(hidden, weight, bias, targets, inv_temp, ignore_index, stats, spl
     h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
-    kw = dict(DOT_UPCAST=INTERPRETING)
+    kw = dict(INTERPRETED=INTERPRETING)
     outs = new_outputs(targets, torch.float32, stats)
     logp, ent, lse, s2, s3 = (o.view(-1) for o in outs[:5])
     if not stats:
@@ -230,7 +230,7 @@ def linear_bwd(hidden, weight, bias, targets, lse2, entropy, grad_logp, grad_ent
     h, weight, b = _operands(hidden, weight, bias)
     N = h.shape[0]
     t = targets.reshape(-1).contiguous()
-    kw = dict(DOT_UPCAST=INTERPRETING)
+    kw = dict(INTERPRETED=INTERPRETING)
     g_logp = grad_logp.reshape(-1).to(torch.float32).contiguous()
     g_ent = grad_entropy.reshape(-1).to(torch.float32).contiguous()
     chunk = _bwd_chunk(N, V, chunk)

@@ -35,26 +35,41 @@ def tile_coords(pid, n_tiles, n_cols, GROUP_N: tl.constexpr):
 
 @triton.jit
 def dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_UPCAST: tl.constexpr):
+              INTERPRETED: tl.constexpr):
     """sum over k of a[:, k] b[k, :] in fp32: a_ptrs [BLOCK_M, BLOCK_K] and b_ptrs [BLOCK_K, BLOCK_C] point at
     the first depth block (a contiguous along k; b's k stride is b_step), and must address valid memory
     in the other dims: only the depth is masked here, as 2-D masks in this loop make the compiler spill
     registers, and the pointers are advanced rather than recomputed for the same reason."""
-    offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
-        if DOT_UPCAST:
-            # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
-        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * b_step
+    if INTERPRETED:
+        # Triton 3.6's interpreter cannot take a runtime range() bound; compiled, the for loop below is the
+        # one the software pipeliner stages (it does not stage while loops).
+        k0 = 0
+        while k0 < K:
+            acc = _dot_step(a_ptrs, b_ptrs, K - k0, acc, BLOCK_K, True)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * b_step
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _dot_step(a_ptrs, b_ptrs, K - k0, acc, BLOCK_K, False)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K * b_step
     return acc
+
+
+@triton.jit
+def _dot_step(a_ptrs, b_ptrs, k_left, acc, BLOCK_K: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b over one depth block, the depth masked at k_left."""
+    mask_k = tl.arange(0, BLOCK_K) < k_left
+    a = tl.load(a_ptrs, mask=mask_k[None, :], other=0.0)
+    b = tl.load(b_ptrs, mask=mask_k[:, None], other=0.0)
+    if INTERPRETED:
+        # The interpreter's bf16/fp16 dot is wrong; fp32 operands of bf16 values give the same sums.
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    # "ieee": fp32 operands stay fp32 (no TF32), as torch's default matmul.
+    return tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float32)
 
 
 # The kernel adds into c: the autotuner's trial runs must not (restore_value puts c and lo back).
@@ -63,7 +78,7 @@ def dot_loop(a_ptrs, b_ptrs, K, b_step, BLOCK_M: tl.constexpr, BLOCK_C: tl.const
 @triton.jit
 def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr,
-                   SPLIT_LO: tl.constexpr, DOT_UPCAST: tl.constexpr):
+                   SPLIT_LO: tl.constexpr, INTERPRETED: tl.constexpr):
     """c [M, C] (contiguous) += a [M, K] @ b [K, C], the sum carried across calls in fp32-like precision.
 
     With SPLIT_LO (bf16/fp16 c) the running sum is the pair c + lo, lo [M, C] in c's dtype holding the
@@ -77,7 +92,7 @@ def _mm_acc_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, C, K, stride_am, stride_bk,
     # would spill).
     a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_c % C)[None, :]  # [BLOCK_K, BLOCK_C]
-    acc = dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, DOT_UPCAST)
+    acc = dot_loop(a_ptrs, b_ptrs, K, stride_bk, BLOCK_M, BLOCK_C, BLOCK_K, INTERPRETED)
     offs = offs_m[:, None] * C + offs_c[None, :]
     mask = (offs_m < M)[:, None] & (offs_c < C)[None, :]
     acc += tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -99,4 +114,4 @@ def mm_acc(a, b, c, lo, split_lo):
     M, K = a.shape
     C = b.shape[1]
     _mm_acc_kernel[grid2(M, C, "BLOCK_M", "BLOCK_C")](a, b, c, lo, M, C, K, a.stride(0), b.stride(0),
-                                                      SPLIT_LO=split_lo, DOT_UPCAST=INTERPRETING)
+                                                      SPLIT_LO=split_lo, INTERPRETED=INTERPRETING)

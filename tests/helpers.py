@@ -42,21 +42,6 @@ def upstream(shape, seed=2):
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
 
 
-def interpreter_fuses_fma():
-    """Whether tl.fma rounds once here (compiled code and Triton 3.9's interpreter do; 3.6's interpreter
-    multiplies and adds, rounding twice): fma(1 + 2^-12, 1 + 2^-12, -(1 + 2^-11)) is 2^-24 only when fused."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _fma(out_ptr, a, c):
-        tl.store(out_ptr, tl.fma(tl.full([], a, tl.float32), tl.full([], a, tl.float32), tl.full([], c, tl.float32)))
-
-    out = torch.zeros(1)
-    _fma[(1,)](out, 1 + 2**-12, -(1 + 2**-11))
-    return out.item() == 2**-24
-
-
 @functools.cache
 def fma_rounds_once():
     """Whether tl.fma rounds once, as the GPU's FFMA does. Triton 3.6's interpreter computes x * y + z in

@@ -119,6 +119,7 @@ def test_reference_in_chunks_and_sampled_vocabulary_matches_autograd(monkeypatch
     assert torch.allclose(truth["d_weight_logp_only"], d_w_logp[cols], atol=1e-12)
 
 
+@pytest.mark.peers
 def test_peers_on_cpu_agree_or_say_why():
     """Liger's two fused heads run on a CPU (its Triton kernels interpreted, its scaled CE's PyTorch
     fallback) and agree with python_ref, gradients included; CCE and verl's fused kernel are CUDA only."""

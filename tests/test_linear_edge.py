@@ -7,6 +7,7 @@ import torch
 
 import covkernels as ck
 import test_linear
+from helpers import fma_rounds_once
 from test_linear import IMPLS, STAT_FIELDS, check_against_reference, make_head, run_head, targets_for
 
 
@@ -85,7 +86,9 @@ def test_properties_and_closed_forms(impl):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_huge_logits_stay_finite(dtype, impl):
     """Hidden states that make logits of about +-1e4 (softmax one-hot up to rounding): finite, and as close to
-    the float64 truth as the rule allows."""
+    the float64 truth as the rule allows (in fp32, where tl.fma rounds once, as on the GPU)."""
+    if impl == "triton" and dtype == torch.float32 and not fma_rounds_once():
+        pytest.skip("this Triton's interpreter rounds tl.fma twice; the GPU's FFMA rounds once")
     hidden, weight, bias = make_head("bt", 12, 16, 200, dtype, scale=3e3)
     targets = targets_for(hidden, 200)
     stats, grads = check_against_reference(hidden, weight, bias, targets, dtype, impl=impl)

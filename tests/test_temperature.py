@@ -9,13 +9,13 @@ from hypothesis import strategies as st
 import covkernels as ck
 import python_ref as ref
 from covkernels.distributed import vocab_parallel_token_stats
-from helpers import interpreter_fuses_fma
+from helpers import fma_rounds_once
 from bench.tolerances import assert_close_to_ref
 
 FIELDS = ("logp", "entropy", "lse", "sum_p2", "sum_p2_logp")
 # The kernels' accuracy with the temperature rests on a fused multiply-add; under an interpreter that rounds
 # tl.fma twice (Triton 3.6's) the Triton path is only as good as x * fp32(log2(e) / T), which these cases beat.
-UNFUSED = None if torch.cuda.is_available() or interpreter_fuses_fma() else (
+UNFUSED = None if fma_rounds_once() else (
     "this Triton's interpreter rounds tl.fma twice; compiled kernels fuse it")
 
 

@@ -32,6 +32,9 @@ HEAD = dict(N=16384, V=151936, D=4096)
 BUDGETS = {"fwd": 9.0, "fwd_stats": 12.0, "fwd_split": 9.0, "vocab_partials": 9.0, "bwd": 18.0, "bwd_inplace": 18.0,
            "aent_fwd": 12.0, "aent_fwd_stats": 12.0, "aent_bwd": 18.0, "entropy_change": 24.0}
 MIN_RATIO_H200 = 1.3
+# AEnt's radix passes where tl.histogram lowers to warp ballots (Triton < 3.8, 4-bit digits: see
+# covkernels/ops/clamped_entropy/select.py): issue-bound by construction, held to this count instead.
+RADIX_BUDGET_BALLOTS = 32.0
 MIN_LOAD_BITS = 128
 LATENCY_S = 0.7e-6
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -66,7 +69,10 @@ def _cases():
     h = torch.empty(N, D, dtype=torch.bfloat16, **meta)
     w = torch.empty(V, D, dtype=torch.bfloat16, **meta)
     sums = ["sums"]
-    aent = ["radix pass 1", "radix pass 2", "tie scan", "sums before cut", "sums after cut"]
+    from covkernels.ops.clamped_entropy.select import DIGIT_BITS, passes
+
+    radix = [f"radix pass {p + 1}" for p in range(passes(x.dtype, DIGIT_BITS))]
+    aent = [*radix, "tie scan", "sums before cut", "sums after cut"]
     aent_grad = ["gradient before cut", "gradient after cut"]
     return [
         ("fwd", sums, 2, lambda: fp.fused_fwd(x, t, inv_t, -100, False)),
@@ -156,6 +162,8 @@ def analyse():
 
 def check(rows):
     """The budgets' verdicts: list of failure messages (empty when every budget is met)."""
+    from covkernels.ops.clamped_entropy.select import DIGIT_BITS
+
     bad = []
     for r in rows:
         where = f"{r['case']}/{r['kernel']} {r['config']}".strip()
@@ -166,10 +174,11 @@ def check(rows):
         for lp in r["loops"]:
             if lp["loop"].startswith("other loop"):
                 continue  # the second, clamped read of rows with -inf entries
-            budget = BUDGETS[r["case"]]
+            ballots = lp["loop"].startswith("radix pass") and DIGIT_BITS < 8
+            budget = RADIX_BUDGET_BALLOTS if ballots else BUDGETS[r["case"]]
             if lp["per_element"] > budget:
                 bad.append(f"{where} [{lp['loop']}]: {lp['per_element']} instructions per element > {budget}")
-            if lp["rates"]["H200"]["ratio"] < MIN_RATIO_H200:
+            if lp["rates"]["H200"]["ratio"] < MIN_RATIO_H200 and not ballots:
                 bad.append(f"{where} [{lp['loop']}]: H200 compute/memory {lp['rates']['H200']['ratio']:.2f} "
                            f"< {MIN_RATIO_H200}")
             if min(lp["load_bits"], default=0) < MIN_LOAD_BITS and lp["loop"] != "tie scan":

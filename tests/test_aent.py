@@ -6,6 +6,7 @@ import torch
 
 import covkernels as ck
 import python_ref as ref
+from covkernels.ops.clamped_entropy import kernels
 from covkernels.ops.clamped_entropy.kernels import clamped_fwd
 from helpers import LAYOUTS, make_logits, make_targets, upstream
 from bench.tolerances import TOLERANCES, assert_close_to_ref
@@ -68,6 +69,23 @@ def test_threshold_is_exact_on_adversarial_keys():
         got = clamped_fwd(logits, torch.tensor([5]), 1.0, -100, p, True)[6]
         want = ref.token_stats(logits.double(), torch.tensor([5]), clamp_fraction=p).clamped_entropy
         assert got.item() == pytest.approx(want.item(), abs=1e-6), p
+
+
+@pytest.mark.parametrize("digit_bits", [4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_digit_widths_keep_the_reference_set(dtype, digit_bits, monkeypatch):
+    """The radix select's digit width follows the Triton version (select.DIGIT_BITS: 4 bits where
+    tl.histogram lowers to warp ballots, 8 where to atomics); both keep the reference's set under any
+    Triton: ties, -inf, signed zeros and negative values among the keys."""
+    monkeypatch.setattr(kernels, "DIGIT_BITS", digit_bits)
+    logits = make_logits("flat", 6, 300, dtype, seed=digit_bits)
+    logits[0] = logits[0].float().round().to(dtype)
+    logits[1, ::4] = float("-inf")
+    logits[2, :8] = torch.tensor([-0.0, 0.0, -1.0, -0.5, float("-inf"), 3.0, -2.5, 0.0], dtype=dtype)
+    logits[3] = -logits[3].abs()
+    targets = make_targets(logits)
+    for p in (0.1, 0.5, 0.9):
+        _check(logits, targets, p, 0.8, "triton")
 
 
 def test_closed_forms():

@@ -21,7 +21,7 @@ import triton.language as tl
 from ..common.layout import new_outputs, read_in_pairs, row_layout, scale_args
 from ..common.rowmath import (LN2, MODE_CLAMP, MODE_FAST, MODE_SAFE, finish_row, grad_coeffs, load_halves,
                               overflows, row_offset, scaled, softmax_grad)
-from .select import PASSES, find_cut, select_tau
+from .select import DIGIT_BITS, find_cut, passes, select_tau
 
 # Programs of several warps (few rows in flight at once, so a row is still in L2 at its later passes).
 _NUM_WARPS = 8
@@ -108,13 +108,14 @@ def _kept_sums(x_row, V, scale, m, tau, cut, BLOCK_V: tl.constexpr, MODE: tl.con
 @triton.jit
 def _fwd_clamped_kernel(x_ptr, t_ptr, logp_ptr, ent_ptr, lse_ptr, s2_ptr, s3_ptr, lse2_ptr, cent_ptr, state_ptr,
                         N, V, inner, stride_outer, stride_inner, k, scale, inv_temp, ignore_index,
-                        BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr):
+                        BLOCK_V: tl.constexpr, STATS: tl.constexpr, PAIRS: tl.constexpr, PASSES: tl.constexpr,
+                        DIGIT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row_offset(row, inner, stride_outer, stride_inner)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
     n = tl.where(valid, V, 0)  # ignored rows: nothing is read
-    tau, n_tie, m = select_tau(x_row, n, k, BLOCK_V, PAIRS, PASSES)
+    tau, n_tie, m = select_tau(x_row, n, k, BLOCK_V, PAIRS, PASSES, DIGIT)
     cut = find_cut(x_row, n, tau, n_tie, BLOCK_V)
     l, s1, q, q1, lk, s1k = _kept_sums(x_row, n, scale, m, tau, cut, BLOCK_V, MODE_FAST, STATS, PAIRS)
     poisoned = s1 + q1 + s1k
@@ -262,7 +263,7 @@ def _kernel_args(logits, x, V, stride_outer, stride_inner):
     block = min(triton.next_power_of_2(max(V, 2)), _BLOCK_BYTES // logits.element_size())
     shared = dict(BLOCK_V=block, PAIRS=read_in_pairs(x, V, stride_outer, stride_inner),
                   num_warps=_NUM_WARPS)
-    return shared, dict(PASSES=PASSES[logits.dtype])
+    return shared, dict(PASSES=passes(logits.dtype, DIGIT_BITS), DIGIT=DIGIT_BITS)
 
 
 def clamped_fwd(logits, targets, inv_temp, ignore_index, clamp_fraction, stats):

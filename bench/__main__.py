@@ -100,8 +100,8 @@ def main(argv=None):
           f"{meta['versions']['triton']}  cuda {meta['versions']['cuda']}  commit {meta['git_commit']}")
     print("copy bandwidth (device to device, read + write): "
           + (f"{copy_gbps:.0f} GB/s" if copy_gbps else "n/a (CUDA only)"))
-    # Every family the main job measures by default or this run names, even with no case left by --cases.
-    listed = [f for f in registry.FAMILIES if f.in_main_job or set(f.ops) & set(ops)]
+    # Every family this run measures, even with no case left by --cases.
+    listed = [f for f in registry.FAMILIES if set(f.ops) & set(ops)]
     print(f"mode {mode}: " + ", ".join(f"{sum(family is f for family, _ in todo)} {f.title} cases x "
                                        f"{len(chosen[f])} providers" for f in listed)
           + f"; timer {meta['timer']}", flush=True)

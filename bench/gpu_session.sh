@@ -7,7 +7,8 @@
 #   4. the GPU tests (N * V > 2^31 included);
 #   5. the benchmarks at N = 16384, V = 151936 bf16 (fwd, fwd+bwd, AEnt) and the LM head at D = 4096, each
 #      beside the peers, a device-to-device copy and a bf16 matrix product measured in the same run
-#      (results in bench/results/<device>.json); then the policy loss and the entropy-change op.
+#      (results in bench/results/<device>.json); then, with what time is left, the policy loss and the
+#      entropy-change op (covkernels and the eager reference only).
 # Every log and result goes to $OUT when it is set (the device machine returns $OUT).
 #   usage, from the repository root:  bash bench/gpu_session.sh
 # Without a GPU it says so, checks that the wheels install and import, and stops.
@@ -89,5 +90,6 @@ step gpu_tests "$(cap 120)" python3 -m pytest tests -m gpu -q -p no:cacheprovide
 # case of each pays the peers' JIT compilation and autotuning, so the limits allow for it.
 step bench_logits "$(cap 150)" python3 -m bench --quick --ops fwd,fwd_bwd --max-minutes 2
 step bench_lm_head "$(cap 150)" python3 -m bench --quick --ops linear_fwd,linear_fwd_bwd --max-minutes 2 --merge
-step bench_losses "$(cap 60)" python3 -m bench --quick --ops policy_loss,entropy_change --max-minutes 1 --merge
+step bench_losses "$(cap 90)" python3 -m bench --quick --ops policy_loss,entropy_change \
+    --providers covkernels,python_ref --merge
 finish

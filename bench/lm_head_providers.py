@@ -92,7 +92,7 @@ def _liger_entropy():
     on_hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
     if on_hopper:
         try:  # its Hopper kernel is CuTe-DSL (nvidia-cutlass-dsl); elsewhere it runs a chunked PyTorch fallback
-            importlib.importentry_point("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90")
+            importlib.import_module("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90")
         except Exception as e:  # any import failure means the peer cannot run here
             raise Unavailable(f"its Hopper kernel does not import: {type(e).__name__}: {e}") from e
         # Its target range check syncs with the host each call; off, like covkernels' validate=False.

@@ -236,8 +236,10 @@ def main(argv=None):
     print(table)
     failures = check(rows)
     print("\nbudgets: " + ("all met" if not failures else "\n  " + "\n  ".join(failures)))
+    from covkernels.ops.clamped_entropy.select import DIGIT_BITS
+
     meta = dict(triton=triton.__version__, target="sm_90", shapes=HEAD, gpus=GPUS, budgets=BUDGETS,
-                latency_s=LATENCY_S)
+                radix_digit_bits=DIGIT_BITS, radix_budget_ballots=RADIX_BUDGET_BALLOTS, latency_s=LATENCY_S)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows, failures=failures), f, indent=1)

@@ -70,7 +70,8 @@ def token_stats(logits, targets, *, temperature=1.0, ignore_index=-100, clamp_fr
 
     clamp_fraction=p in [0, 1) adds AEnt's `clamped_entropy` (differentiable): the entropy of the softmax
     renormalised over the row without its floor(p V) smallest logits (equal logits: lowest index first).
-    Its threshold is an exact radix select (no sort); a bf16 row is then read three times in all.
+    Its threshold is an exact radix select (no sort); a bf16 row is then read three times in all
+    (five under Triton < 3.8).
     """
     if clamp_fraction is None:
         logp, entropy, lse, sum_p2, sum_p2_logp, _ = _fused(logits, targets, temperature, ignore_index, True, False,

@@ -53,9 +53,10 @@ def test_deterministic_and_sync_free():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_clamped_entropy_compiled_kernels(dtype):
-    """The radix-select threshold (tl.histogram, 64-bit keys) compiled for real, ties included."""
+    """The radix-select threshold (tl.histogram of uint32 keys' digits, select.DIGIT_BITS wide) compiled for
+    real, ties included."""
     g = torch.Generator(device="cuda").manual_seed(1)
     N, V = 1024, 151936
     logits = (torch.randn(N, V, device="cuda", generator=g) * 2).to(dtype)

@@ -47,13 +47,6 @@ def test_every_streaming_kernel_is_reported(report):
             "_mm_acc_kernel"} <= kernels
 
 
-def test_budgets_hold_beyond_the_histogram(report):
-    """Under every Triton: all but AEnt's radix passes meet their budgets, no logits kernel spills, the
-    LM-head kernels keep wgmma and a spill-free config each."""
-    others = [f for f in report["failures"] if "radix pass" not in f]
-    assert others == [], "\n".join(others)
-
-
 def test_logits_are_read_128_bits_at_a_time(report):
     for r in report["rows"]:
         for lp in r["loops"]:

@@ -4,9 +4,10 @@
 The kept set K of a row drops its k = floor(p V) smallest logits, equal logits by lowest index first. One
 program per row makes three kinds of passes over it, close together in time so that the later ones find
 the row in L2:
-1. Radix select of tau, the (k+1)-th smallest logit, over order-preserving integer keys, 8 bits a pass
-   (bf16: 2 passes, fp16: 3, fp32: 4), each a histogram of one digit; the first pass also finds
-   the row max. n_tie entries equal to tau are dropped (the first n_tie in column order).
+1. Radix select of tau, the (k+1)-th smallest logit, over order-preserving integer keys (select.py: 8 bits
+   a pass, bf16 2 passes, fp16 3, fp32 4; 4 bits under Triton < 3.8), each a histogram of one digit; the
+   first pass also finds the row max. n_tie entries equal to tau are dropped (the first n_tie in column
+   order).
 2. Only when n_tie > 0: a scan for `cut`, the column of the first KEPT entry equal to tau. Then an entry
    is kept iff x > tau, or x == tau at a column >= cut: in a block wholly before `cut` that is x >= tau+
    (the next float above tau), wholly after it x >= tau, one compare per entry.

@@ -6,7 +6,7 @@ match the digits found so far (the others masked out). The digit's width follows
 to (bench/sass.py counts it): from Triton 3.8 on, shared-memory atomics whose cost does not depend on the
 bins, so 8-bit digits (fewest passes: a bf16 row takes two reads, fp16 three, fp32 four); before 3.8, a warp
 ballot per bit of the bin and a popcount per bin each lane owns, ~80 instructions per logit at 256 bins and
-about a tenth of that at 16, so 4-bit digits (bf16 four reads, fp16 five, fp32 eight).
+~29 at 16, so 4-bit digits (bf16 four reads, fp16 five, fp32 eight).
 """
 import torch
 import triton
@@ -20,7 +20,9 @@ _KEY_BITS = {torch.bfloat16: 16, torch.float16: 19, torch.float32: 32}
 
 
 def passes(dtype, digit_bits):
-    """The radix passes over a row of this dtype with digits of digit_bits."""
+    """The radix passes over a row of this dtype with digits of digit_bits (a divisor of 32: the last
+    pass's shift must not go below bit 0)."""
+    assert 32 % digit_bits == 0, digit_bits
     return -(-_KEY_BITS[dtype] // digit_bits)
 
 
